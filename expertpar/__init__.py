@@ -1,0 +1,2 @@
+"""expertpar: sparse-MoE vision-language training with experts on Ray."""
+__version__ = "0.1.0"

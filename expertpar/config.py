@@ -1,0 +1,359 @@
+"""Configuration: one frozen dataclass per concern, loaded strictly from YAML.
+
+Every error names the offending key path (``model.moe.top_k``) and value. Unknown keys are
+refused, values are type-checked (an int is accepted where a float is expected, nothing else is
+coerced), and ``--set a.b=c`` overrides go through the same checks as the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key path and the value."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # the run directory is out_dir/name
+    seed: int = 0
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        if not self.name or "/" in self.name:
+            bad.append(("name", "must be a non-empty name without '/'"))
+        return bad
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # shards dir, .tar, glob, or .csv/.tsv manifest
+    eval: Optional[str] = None  # held-out split for zero-shot and retrieval
+    image_size: int = 32
+    hflip: bool = False  # off by default: captions say "left of" / "right of"
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        if not self.train:
+            bad.append(("train", "is required (a shard directory, .tar, glob or .csv/.tsv)"))
+        if self.image_size < 8:
+            bad.append(("image_size", "must be >= 8"))
+        for key in ("max_train_samples", "max_eval_samples"):
+            v = getattr(self, key)
+            if v is not None and v <= 0:
+                bad.append((key, "must be positive or null"))
+        return bad
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: Optional[str] = None  # a tokenizer.json to load; null trains one on the train captions
+    vocab_size: int = 1000
+    context_length: int = 16
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        if self.vocab_size < 16:
+            bad.append(("vocab_size", "must be >= 16"))
+        if self.context_length < 3:
+            bad.append(("context_length", "must be >= 3 (BOS, one token, EOS)"))
+        return bad
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 4
+    top_k: int = 1
+    every: int = 2  # every n-th FFN (counting from the n-th) is a sparse MoE layer
+    expert_hidden: int = 128  # F of each expert FFN
+    temperature: float = 1.0  # alpha in softmax(alpha * logits)
+    noise_std: float = 0.0  # std of Gaussian noise added to gate logits while training
+    renormalize: bool = True  # top-k weights sum to 1 (only for top_k > 1; top-1 keeps p)
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    dropless: bool = False
+    drop_policy: Literal["probability", "position"] = "probability"
+    batch_prioritized_images: bool = False
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    local_entropy_weight: float = 0.0  # LIMoE, per modality; pushes each token to be decisive
+    global_entropy_weight: float = 0.0  # LIMoE, per modality; pushes experts to be used evenly
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        if self.num_experts < 1:
+            bad.append(("num_experts", "must be >= 1"))
+        if self.top_k < 1:
+            bad.append(("top_k", "must be >= 1"))
+        elif self.top_k > self.num_experts:
+            bad.append(("top_k", f"must be <= model.moe.num_experts ({self.num_experts})"))
+        if self.every < 1:
+            bad.append(("every", "must be >= 1"))
+        if self.expert_hidden < 1:
+            bad.append(("expert_hidden", "must be >= 1"))
+        if not self.temperature > 0:
+            bad.append(("temperature", "must be > 0"))
+        if self.noise_std < 0:
+            bad.append(("noise_std", "must be >= 0"))
+        if not self.dropless:
+            for key in ("capacity_factor", "eval_capacity_factor"):
+                if not getattr(self, key) > 0:
+                    bad.append((key, "must be > 0 unless model.moe.dropless is true"))
+        for key in ("load_balance_weight", "z_loss_weight", "local_entropy_weight",
+                    "global_entropy_weight"):
+            if getattr(self, key) < 0:
+                bad.append((key, "must be >= 0"))
+        return bad
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: Literal["moe", "dense"] = "moe"  # dense: same active parameters per token
+    towers: Literal["shared", "separate"] = "shared"  # LIMoE one tower, or CLIP two towers
+    stem: Literal["patch", "cnn"] = "patch"
+    patch_size: int = 4
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    ffn_hidden: int = 128
+    embed_dim: int = 64  # joint image-text space
+    init_temperature: float = 0.07  # CLIP logit scale starts at 1/this
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        for key in ("patch_size", "dim", "depth", "heads", "ffn_hidden", "embed_dim"):
+            if getattr(self, key) < 1:
+                bad.append((key, "must be >= 1"))
+        if self.heads >= 1 and self.dim % self.heads:
+            bad.append(("heads", f"must divide model.dim ({self.dim})"))
+        if not 0 < self.init_temperature < 1:
+            bad.append(("init_temperature", "must be in (0, 1)"))
+        if self.variant == "moe" and self.moe.every > self.depth:
+            bad.append(("moe.every", f"must be <= model.depth ({self.depth}) or no layer is MoE"))
+        return bad
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    log_every: int = 10
+    eval_every: int = 100  # 0: only at the end
+    checkpoint_every: int = 100  # 0: only at the end
+    keep_checkpoints: int = 2
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        for key in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                bad.append((key, "must be >= 1"))
+        if not self.lr > 0:
+            bad.append(("lr", "must be > 0"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad.append(("min_lr_ratio", "must be in [0, 1]"))
+        for key in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                bad.append((key, "must be >= 0"))
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                bad.append((key, "must be in [0, 1)"))
+        return bad
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 256
+    recall_at: tuple[int, ...] = (1, 5, 10)
+    zero_shot_top: tuple[int, ...] = (1, 5)
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        if self.batch_size < 1:
+            bad.append(("batch_size", "must be >= 1"))
+        for key in ("recall_at", "zero_shot_top"):
+            if not getattr(self, key) or min(getattr(self, key)) < 1:
+                bad.append((key, "must be a non-empty list of positive integers"))
+        return bad
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        if self.model.stem == "patch" and self.data.image_size % self.model.patch_size:
+            bad.append(("model.patch_size",
+                        f"must divide data.image_size ({self.data.image_size})"))
+        return bad
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+# ---------------------------------------------------------------- loading and checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (tuples for list fields)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"config key '{path}': {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{path}': {value!r} is not one of {list(choices)}")
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{path}': {value!r} is not a list")
+        return tuple(_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{path}': {value!r} is not a boolean (true/false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{path}': {value!r} is not an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{path}': {value!r} is not a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{path}': {value!r} is not finite")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{path}': {value!r} is not a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {path}")
+
+
+def _build(cls: type, data: Any, path: str = "") -> Any:
+    prefix = f"{path}." if path else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{path or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' "
+                          f"(known keys under '{path or '<root>'}': {sorted(names)})")
+    kwargs = {k: _convert(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    obj = cls(**kwargs)
+    for key, message in obj.check():
+        value = obj
+        for part in key.split("."):
+            value = getattr(value, part)
+        full = key if "." in key and cls is Config else f"{prefix}{key}"
+        raise ConfigError(f"config key '{full}': {value!r} {message}")
+    return obj
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"model.moe.top_k=2"`` -> ``("model.moe.top_k", 2)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. model.moe.num_experts=8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({err})") from None
+    return key.strip(), value
+
+
+def config_from_dict(data: dict, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    tree = dict(data or {})
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    return _build(Config, tree)
+
+
+def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}': top level must be a mapping")
+    try:
+        return config_from_dict(data or {}, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
