@@ -1,0 +1,46 @@
+"""Turn images and captions into token sequences (B, N, D)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torchvision
+
+
+class PatchStem(nn.Module):
+    """ViT patch embedding: a stride-p convolution, one token per p x p patch."""
+
+    def __init__(self, image_size: int, patch_size: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.num_tokens = (image_size // patch_size) ** 2
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.proj(images_BCHW).flatten(2).transpose(1, 2)  # B,D,h,w -> B,N,D
+
+
+class CNNStem(nn.Module):
+    """The first stage of a torchvision ResNet-18 (stride 4), then a 1x1 projection to D."""
+
+    def __init__(self, image_size: int, dim: int):
+        super().__init__()
+        resnet = torchvision.models.resnet18(weights=None)
+        self.body = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+                                  resnet.layer1)
+        self.proj = nn.Conv2d(64, dim, kernel_size=1)
+        side = -(-image_size // 4)  # conv1 and maxpool each halve, rounding up
+        self.num_tokens = side * side
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.body(images_BCHW)).flatten(2).transpose(1, 2)
+
+
+class TextEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, context_length: int, dim: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.zeros(1, context_length, dim))
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, ids_BL: torch.Tensor) -> torch.Tensor:
+        return self.tok(ids_BL) + self.pos[:, : ids_BL.shape[1]]

@@ -1,0 +1,77 @@
+"""Transformer blocks over several sequences at once, with dense or sparse-MoE FFNs.
+
+A tower takes a list of sequences (the image batch and/or the text batch). Attention runs per
+sequence; the FFN (or MoE) runs on the valid tokens of *all* sequences together, so one MoE call
+per layer sees both modalities, which is what LIMoE's per-modality losses and statistics need,
+and padding tokens never take expert capacity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..moe import MoEOutput, RouteContext
+
+
+@dataclass
+class Seq:
+    x_BND: torch.Tensor
+    mask_BN: torch.Tensor  # bool, True for real tokens
+    modality: int
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x_BND: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
+        B, N, D = x_BND.shape
+        qkv = self.qkv(x_BND).reshape(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each B,H,N,Dh
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BN[:, None, None, :])
+        return self.out(y.transpose(1, 2).reshape(B, N, D))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x_TD)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn: nn.Module, is_moe: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = ffn
+        self.is_moe = is_moe
+
+    def forward(self, seqs: list[Seq], ctx: RouteContext) -> tuple[list[Seq], MoEOutput | None]:
+        seqs = [Seq(s.x_BND + self.attn(self.norm1(s.x_BND), s.mask_BN), s.mask_BN, s.modality)
+                for s in seqs]
+        # Gather the valid tokens of every sequence into one T x D matrix.
+        x_TD = torch.cat([s.x_BND[s.mask_BN] for s in seqs])
+        modality_T = torch.cat([torch.full((int(s.mask_BN.sum()),), s.modality,
+                                           dtype=torch.long, device=x_TD.device) for s in seqs])
+        h_TD = self.norm2(x_TD)
+        moe_out = self.ffn(h_TD, modality_T, ctx) if self.is_moe else None
+        y_TD = moe_out.y_TD if moe_out is not None else self.ffn(h_TD)
+        out, start = [], 0
+        for s in seqs:
+            n = int(s.mask_BN.sum())
+            delta_BND = torch.zeros_like(s.x_BND)
+            delta_BND[s.mask_BN] = y_TD[start:start + n].to(s.x_BND.dtype)
+            out.append(Seq(s.x_BND + delta_BND, s.mask_BN, s.modality))
+            start += n
+        return out, moe_out

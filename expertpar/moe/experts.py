@@ -1,0 +1,54 @@
+"""Expert FFNs and the expert backend interface.
+
+An expert backend maps the dispatched rows ``x_AD`` (grouped by expert, ``counts_E`` rows each)
+to ``y_AD``. The in-process reference runs every expert here; a distributed backend sends each
+expert's slice to the process that owns it. Both are autograd-aware nn.Modules, so the MoE layer
+is written once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ExpertFFN(nn.Module):
+    """One expert: D -> F -> D with GELU, the same shape as the dense FFN it replaces."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x_ND)))
+
+
+def init_expert_(expert: ExpertFFN, seed: int) -> None:
+    """Initialise from a seed of its own so an expert's weights do not depend on placement."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lin in (expert.fc1, expert.fc2):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.02)
+            lin.bias.zero_()
+
+
+class ExpertBackend(nn.Module):
+    """Interface: ``forward(x_AD, counts_E) -> y_AD`` for one MoE layer's experts."""
+
+    def forward(self, x_AD: torch.Tensor, counts_E: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LocalExperts(ExpertBackend):
+    """The in-process reference: a readable loop over experts."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.experts = nn.ModuleList(ExpertFFN(dim, hidden) for _ in range(num_experts))
+
+    def forward(self, x_AD: torch.Tensor, counts_E: tuple[int, ...]) -> torch.Tensor:
+        pieces = torch.split(x_AD, list(counts_E))
+        # An expert with no rows is skipped: it costs nothing and adds no gradient.
+        outs = [self.experts[e](x) if x.shape[0] else x for e, x in enumerate(pieces)]
+        return torch.cat(outs, dim=0) if outs else x_AD
