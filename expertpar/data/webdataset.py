@@ -1,0 +1,197 @@
+"""WebDataset tar shards (img2dataset layout): read and deterministic write."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from expertpar.data.fileio import atomic_open
+from expertpar.data.sample import IMAGE_EXTS, RawSample
+
+logger = logging.getLogger(__name__)
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """Split `dir/000012.ext.more` into key `dir/000012` and extension `ext.more` (lowercase).
+
+    img2dataset keys never contain dots, so the key ends at the first dot of the basename.
+    """
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{head}/{stem}" if head else stem
+    return key, ext.lower() if dot else ""
+
+
+def _group_members(tar: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
+    # Group by key over the whole shard (not just adjacent runs) so shards written by
+    # tools that interleave members still pair up; insertion order = first appearance.
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for member in tar.getmembers():
+        if not member.isfile():
+            continue
+        key, ext = split_member_name(member.name)
+        if not key or key.endswith("/") or not ext:
+            continue  # hidden files like `._foo` or extension-less members
+        groups.setdefault(key, {}).setdefault(ext, member)
+    return groups
+
+
+def _read_text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    data = tar.extractfile(member).read()  # type: ignore[union-attr]  # member.isfile()
+    # A stray invalid byte should cost one character, not the sample.
+    return data.decode("utf-8", errors="replace")
+
+
+def _sample_from_group(tar: tarfile.TarFile, shard: Path, key: str,
+                       members: dict[str, tarfile.TarInfo]) -> RawSample:
+    image: bytes | None = None
+    image_ext: str | None = None
+    for ext in members:
+        if ext in IMAGE_EXTS:
+            image = tar.extractfile(members[ext]).read()  # type: ignore[union-attr]
+            image_ext = ext
+            break
+    caption: str | None = None
+    meta: dict = {}
+    if "json" in members:
+        try:
+            obj = json.loads(_read_text(tar, members["json"]))
+        except json.JSONDecodeError as exc:
+            obj = None
+            logger.warning("%s: %s.json is not valid JSON (%s); ignoring it", shard, key, exc)
+        if isinstance(obj, dict):
+            meta = {k: v for k, v in obj.items() if k != "caption"}
+            cap = obj.get("caption")
+            caption = cap if isinstance(cap, str) else None
+        elif obj is not None:
+            logger.warning("%s: %s.json is not a JSON object; ignoring it", shard, key)
+    if "txt" in members:
+        caption = _read_text(tar, members["txt"]).strip()
+    if "cls" in members and "label" not in meta:
+        try:
+            meta["label"] = int(_read_text(tar, members["cls"]).strip())
+        except ValueError:
+            pass  # non-integer class files are not labels we can use
+    return RawSample(key=key, image=image, image_ext=image_ext, caption=caption, meta=meta)
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+
+def _check_not_truncated(path: Path, tar: tarfile.TarFile) -> None:
+    # tarfile silently treats a cut inside/at a header (after the first member) as the
+    # end of the archive, so a partially copied shard would lose samples unnoticed.
+    # A complete uncompressed tar has end-of-archive zero block(s) after the last member.
+    with path.open("rb") as f:
+        if any(f.read(6).startswith(m) for m in _COMPRESSED_MAGIC):
+            return  # the decompressor reports truncation itself
+    if path.stat().st_size - tar.offset < tarfile.BLOCKSIZE:
+        raise ValueError(f"tar shard {path} is truncated: no end-of-archive marker after "
+                         f"{len(tar.getmembers())} members")
+
+
+def iter_webdataset(paths: Sequence[str | Path]) -> Iterator[RawSample]:
+    """Yield the samples of each tar shard in order; ValueError names an unreadable shard."""
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"WebDataset shard not found: {path}")
+        try:
+            tar = tarfile.open(path, "r:*")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"cannot read tar shard {path}: {exc}") from exc
+        with tar:
+            try:
+                groups = _group_members(tar)
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+                raise ValueError(f"cannot read tar shard {path}: {exc}") from exc
+            _check_not_truncated(path, tar)
+            for key, members in groups.items():
+                try:
+                    sample = _sample_from_group(tar, path, key, members)
+                except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+                    raise ValueError(f"cannot read member {key!r} of tar shard {path}: {exc}") from exc
+                yield sample
+
+
+def safe_key(key: str) -> str:
+    """Make `key` usable as a tar member stem: no dots in the basename, no absolute/.. parts."""
+    parts = [p for p in key.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    if not parts:
+        raise ValueError(f"sample key {key!r} is empty after sanitising")
+    # The reader ends the key at the first dot, so dots would truncate it (e.g. `img/a.png`).
+    parts[-1] = parts[-1].replace(".", "_")
+    return "/".join(parts)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata so identical input produces byte-identical shards.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _member_payload(sample: RawSample) -> list[tuple[str, bytes]]:
+    members: list[tuple[str, bytes]] = []
+    if sample.image is not None:
+        ext = (sample.image_ext or "").lower().lstrip(".")
+        if not ext:
+            raise ValueError(f"sample {sample.key!r} has image bytes but no image_ext")
+        members.append((ext, sample.image))
+    record = {**sample.meta, "caption": sample.caption}
+    members.append(("json", json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")))
+    return members
+
+
+def write_webdataset(samples: Iterable[RawSample], out_dir: str | Path, *,
+                     shard_size: int = 1000, prefix: str = "shard") -> list[Path]:
+    """Write `{prefix}-00000.tar`, ... (`shard_size` samples each) and return their paths.
+
+    Keys are sanitised with `safe_key` (dots in the basename become `_`); a key that
+    repeats within one shard raises ValueError. Each shard appears atomically, and
+    older `{prefix}-NNNNN.tar` files beyond the new count are deleted.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    it = iter(samples)
+    pending = next(it, None)
+    while pending is not None:
+        path = out_dir / f"{prefix}-{len(written):05d}.tar"
+        seen: set[str] = set()
+        with atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            while pending is not None and len(seen) < shard_size:
+                key = safe_key(pending.key)
+                if key in seen:
+                    raise ValueError(f"duplicate sample key {key!r} (from {pending.key!r}) in shard {path}")
+                seen.add(key)
+                for ext, data in _member_payload(pending):
+                    _add_member(tar, f"{key}.{ext}", data)
+                pending = next(it, None)
+        written.append(path)
+        logger.debug("wrote %s (%d samples)", path, len(seen))
+    _remove_stale_shards(out_dir, prefix, len(written))
+    return written
+
+
+def _remove_stale_shards(out_dir: Path, prefix: str, count: int) -> None:
+    # A rerun that writes fewer shards must not leave old higher-numbered shards
+    # behind, or the directory would silently mix two datasets.
+    for path in out_dir.glob(f"{prefix}-*.tar"):
+        index = path.name[len(prefix) + 1:-len(".tar")]
+        if len(index) == 5 and index.isdigit() and int(index) >= count:
+            logger.info("removing stale shard %s", path)
+            path.unlink()
+
+
+__all__ = ["iter_webdataset", "write_webdataset", "safe_key", "split_member_name"]

@@ -1,0 +1,30 @@
+"""One evaluation pass over a held-out split, as a flat dict of metrics."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ..config import Config
+from ..data import DatasetInfo, ImageTextDataset, make_transform
+from .embed import embed_dataset, embed_texts
+from .retrieval import recall_at_k
+from .zeroshot import class_embeddings, zero_shot_accuracy
+
+
+def evaluate(model, ds: ImageTextDataset, tokenizer, cfg: Config, *,
+             info: DatasetInfo | None, device: torch.device) -> dict[str, float]:
+    transform = make_transform(cfg.data.image_size, train=False)
+    emb = embed_dataset(model, ds, tokenizer, transform, context_length=cfg.tokenizer.context_length,
+                        batch_size=cfg.eval.batch_size, device=device)
+    out: dict[str, float] = {"eval/samples": len(ds)}
+    out.update(recall_at_k(emb.image_NE, emb.text_NE, emb.captions, cfg.eval.recall_at))
+    if info is not None and info.classes:
+        embed = partial(embed_texts, model, tokenizer, context_length=cfg.tokenizer.context_length,
+                        batch_size=cfg.eval.batch_size, device=device)
+        class_CE = class_embeddings(embed, info.classes, info.templates or ("{}",))
+        out.update(zero_shot_accuracy(emb.image_NE, emb.labels_N, class_CE,
+                                      cfg.eval.zero_shot_top))
+    for L, stats in sorted(emb.stats.items()):
+        out.update(stats.summary(f"eval/moe{L}"))
+    return out

@@ -1,0 +1,29 @@
+"""Zero-shot classification: class-name prompts embedded by the text tower, nearest class wins."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def class_embeddings(embed_texts, classes: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
+    """Mean of the normalised embeddings of every template filled with each class (CLIP)."""
+    prompts = [t.format(c) for c in classes for t in templates]
+    emb = embed_texts(prompts).reshape(len(classes), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+def zero_shot_accuracy(image_NE: torch.Tensor, labels_N: torch.Tensor, class_CE: torch.Tensor,
+                       ks: tuple[int, ...]) -> dict[str, float]:
+    known = labels_N >= 0
+    if not known.any():
+        return {}
+    scores_NC = image_NE[known] @ class_CE.t()
+    labels = labels_N[known]
+    out = {}
+    for k in ks:
+        k_eff = min(k, class_CE.shape[0])
+        top = scores_NC.topk(k_eff, dim=1).indices
+        out[f"zero_shot/top{k}"] = float((top == labels[:, None]).any(dim=1).float().mean())
+    out["zero_shot/chance_top1"] = 1.0 / class_CE.shape[0]
+    out["zero_shot/samples"] = int(known.sum())
+    return out

@@ -1,0 +1,34 @@
+"""Evaluate a finished (or interrupted) run from its directory alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import load_config
+from .data import ImageTextDataset, find_dataset_info, load_tokenizer
+from .eval import evaluate
+from .train.checkpoint import CheckpointError, latest_checkpoint, read_shards, restore_model
+from .train.setup import model_for_tokenizer, pick_device
+
+
+def evaluate_run(run_dir: Path, *, data: str | None = None) -> dict[str, float]:
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: is '{run_dir}' a run directory?")
+    cfg = load_config(cfg_path)
+    source = data or cfg.data.eval
+    if not source:
+        raise ValueError(f"{cfg_path} has no data.eval; pass --data PATH")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    model = model_for_tokenizer(cfg, tokenizer)
+    restore_model(model, read_shards(ckpt), where=str(ckpt))
+    device = pick_device(cfg.train.device)
+    ds = ImageTextDataset.load(source, max_samples=cfg.data.max_eval_samples)
+    metrics = {"step": json.loads((ckpt / "train_state.json").read_text())["step"],
+               **evaluate(model.to(device), ds, tokenizer, cfg, info=find_dataset_info(source),
+                          device=device)}
+    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
+    return metrics

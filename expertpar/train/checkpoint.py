@@ -1,0 +1,188 @@
+"""Topology-free checkpoints, written atomically and read without unpickling.
+
+Layout of ``RUN/checkpoints/step_000100/``::
+
+    manifest.json            format, step, sha256 of every file below
+    dense.safetensors        dense parameters and their AdamW state
+    router.safetensors       gate parameters of every MoE layer ("moe{L}.<name>") and state
+    experts/L{L}_E{e}.safetensors   one shard per (MoE layer, expert) with its AdamW state
+    train_state.json         step and the run's skip counts
+    rng.safetensors          torch CPU RNG state
+    config.yaml, tokenizer.json
+
+Shards are keyed by what a parameter *is* (layer, expert), never by which process holds it, so
+a run can resume with any placement of experts. A checkpoint is first written to a temporary
+directory and renamed into place; ``latest`` is replaced last, so a crash mid-write leaves the
+previous checkpoint as the latest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "expertpar-checkpoint/1"
+_EXPERT = re.compile(r"^experts\.experts\.(\d+)\.(.+)$")
+OPT_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Slot:
+    file: str  # relative path of the shard
+    key: str  # tensor name inside it
+
+
+def param_slots(model: torch.nn.Module) -> dict[str, Slot]:
+    """Where each named parameter of ``model`` lives in a checkpoint."""
+    moe_prefix = {name + ".": layer.layer_index for name, layer in model.moe_layers()}
+    slots = {}
+    for name, _ in model.named_parameters():
+        slot = Slot("dense.safetensors", name)
+        for prefix, L in moe_prefix.items():
+            if name.startswith(prefix):
+                rest = name[len(prefix):]
+                m = _EXPERT.match(rest)
+                slot = (Slot(f"experts/L{L}_E{int(m.group(1))}.safetensors", m.group(2)) if m
+                        else Slot("router.safetensors", f"moe{L}.{rest}"))
+        slots[name] = slot
+    return slots
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def gather_tensors(model: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """{shard file: {key: tensor}} for every parameter and its optimizer state."""
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    params = dict(model.named_parameters())
+    for name, slot in param_slots(model).items():
+        p = params[name]
+        shard = shards.setdefault(slot.file, {})
+        shard[slot.key] = p.detach().cpu().contiguous()
+        for k, v in optimizer.state.get(p, {}).items():
+            shard[f"{slot.key}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    return shards
+
+
+def write_checkpoint(ckpt_root: Path, step: int, shards: dict[str, dict[str, torch.Tensor]],
+                     *, train_state: dict[str, Any], text_files: dict[str, str],
+                     keep: int = 2) -> Path:
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".tmp-step_{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "experts").mkdir(parents=True)
+    for rel, tensors in shards.items():
+        save_file(tensors, str(tmp / rel))
+    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    (tmp / "train_state.json").write_text(json.dumps({"step": step, **train_state}, indent=1))
+    for rel, text in text_files.items():
+        (tmp / rel).write_text(text)
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    for rel in files:
+        with (tmp / rel).open("rb") as f:
+            os.fsync(f.fileno())
+    manifest = {"format": FORMAT, "step": step, "files": {r: _sha256(tmp / r) for r in files}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # a rerun of the same step: replace it, never half-merge
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = ckpt_root / f".latest-{os.getpid()}"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, ckpt_root / "latest")
+    _fsync_dir(ckpt_root)
+    _prune(ckpt_root, keep)
+    return final
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    pointer = ckpt_root / "latest"
+    if not pointer.exists():
+        return None
+    path = ckpt_root / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names '{path.name}', which does not exist")
+    return path
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Read the manifest and check every file's checksum; raise naming the first bad file."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise CheckpointError(f"checkpoint {path} has no manifest.json (incomplete write?)")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+    for rel, digest in manifest["files"].items():
+        f = path / rel
+        if not f.exists() or _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint file {f} is missing or its checksum differs "
+                                  f"from {manifest_path}")
+    return manifest
+
+
+def read_shards(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    manifest = verify(path)
+    return {rel: load_file(str(path / rel)) for rel in manifest["files"]
+            if rel.endswith(".safetensors") and rel != "rng.safetensors"}
+
+
+def restore_model(model: torch.nn.Module, shards: dict[str, dict[str, torch.Tensor]],
+                  optimizer: torch.optim.Optimizer | None = None, *, where: str = "") -> None:
+    params = dict(model.named_parameters())
+    for name, slot in param_slots(model).items():
+        tensors = shards.get(slot.file)
+        if tensors is None or slot.key not in tensors:
+            raise CheckpointError(f"checkpoint {where} has no '{slot.key}' in {slot.file} "
+                                  f"(parameter {name}): was it written by another model config?")
+        value = tensors[slot.key]
+        p = params[name]
+        if value.shape != p.shape:
+            raise CheckpointError(f"checkpoint {where}: {slot.file}:{slot.key} has shape "
+                                  f"{tuple(value.shape)}, the model expects {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(value)
+        if optimizer is not None and f"{slot.key}::exp_avg" in tensors:
+            optimizer.state[p] = {k: tensors[f"{slot.key}::{k}"].clone() for k in OPT_KEYS}
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "train_state.json").read_text())
+
+
+def restore_rng(path: Path) -> None:
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_cpu"])

@@ -1,0 +1,41 @@
+"""Metrics as JSON lines, and the one-line progress report."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, records at or after the resume step go."""
+
+    def __init__(self, path: Path, *, resume_step: int = 0):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) < resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(step: int, steps: int, loss: float, tokens_per_s: float,
+                  eta_s: float, extra: str = "") -> str:
+    return (f"step {step:>6}/{steps} | loss {loss:7.4f} | {tokens_per_s:9.0f} tok/s | "
+            f"eta {format_duration(eta_s)}" + (f" | {extra}" if extra else ""))

@@ -1,0 +1,73 @@
+"""Everything a run needs before its first step: device, data, tokenizer, model."""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..data import (DatasetInfo, ImageTextDataset, find_dataset_info, load_tokenizer,
+                    save_tokenizer, train_tokenizer, vocab_size)
+from ..model import VisionLanguageModel
+from ..moe import MoEBackend
+
+log = logging.getLogger("expertpar")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key 'train.device': 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass
+class RunData:
+    train: ImageTextDataset
+    eval: ImageTextDataset | None
+    info: DatasetInfo | None
+    tokenizer: object
+
+
+def load_run_data(cfg: Config, run_dir: Path) -> RunData:
+    """Read both splits (skipping bad samples), and train or load the tokenizer."""
+    train = ImageTextDataset.load(cfg.data.train, max_samples=cfg.data.max_train_samples)
+    if len(train) < cfg.train.batch_size:
+        raise ValueError(f"data.train '{cfg.data.train}' has {len(train)} usable samples, fewer "
+                         f"than train.batch_size ({cfg.train.batch_size})")
+    evald = (ImageTextDataset.load(cfg.data.eval, max_samples=cfg.data.max_eval_samples)
+             if cfg.data.eval else None)
+    info = (find_dataset_info(cfg.data.eval) if cfg.data.eval else None) or find_dataset_info(
+        cfg.data.train)
+    saved = run_dir / "tokenizer.json"
+    if saved.exists():  # a resumed run keeps the vocabulary its weights were trained with
+        tokenizer = load_tokenizer(saved)
+    elif cfg.tokenizer.path:
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
+    else:
+        tokenizer = train_tokenizer(train.captions, cfg.tokenizer.vocab_size)
+    if not saved.exists():
+        save_tokenizer(tokenizer, saved)
+    return RunData(train, evald, info, tokenizer)
+
+
+def build_model(cfg: Config, vocab: int, backend: MoEBackend | None = None) -> VisionLanguageModel:
+    torch.manual_seed(cfg.run.seed)  # the dense initialisation depends on the seed alone
+    return VisionLanguageModel(cfg.model, image_size=cfg.data.image_size, vocab_size=vocab,
+                               context_length=cfg.tokenizer.context_length, backend=backend,
+                               seed=cfg.run.seed)
+
+
+def model_for_tokenizer(cfg: Config, tokenizer, backend: MoEBackend | None = None):
+    return build_model(cfg, vocab_size(tokenizer), backend)

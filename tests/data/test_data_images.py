@@ -1,0 +1,125 @@
+"""Tests for image decoding to RGB and the torchvision transforms."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from expertpar.data.images import SampleError, apply_transform, decode_image, make_transform
+
+
+def _encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _rgb_image(size: tuple[int, int] = (40, 30)) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8), mode="RGB")
+
+
+def test_grayscale_becomes_rgb() -> None:
+    img = decode_image(_encode(Image.new("L", (8, 8), 100)))
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (100, 100, 100)
+
+
+def test_16bit_is_rescaled_not_clipped() -> None:
+    arr = np.full((4, 4), 65535, dtype=np.uint16)
+    arr[0, 0] = 257 * 10
+    src = Image.fromarray(arr)
+    assert src.mode.startswith("I;16")
+    img = decode_image(_encode(src))
+    assert img.mode == "RGB"
+    assert img.getpixel((1, 1)) == (255, 255, 255) and img.getpixel((0, 0)) == (10, 10, 10)
+
+
+def test_float_image_in_unit_range() -> None:
+    img = decode_image(_encode(Image.fromarray(np.full((3, 3), 0.5, dtype=np.float32), mode="F"), "TIFF"))
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_palette_with_transparency_composites_on_white() -> None:
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 0, 0, 200, 10, 10] + [0] * (256 * 3 - 6))
+    pal.putpixel((1, 1), 1)
+    img = decode_image(_encode(pal, transparency=0))
+    assert img.mode == "RGB"
+    assert img.getpixel((0, 0)) == (255, 255, 255)  # transparent black -> white
+    assert img.getpixel((1, 1)) == (200, 10, 10)
+
+
+def test_rgba_composites_on_white() -> None:
+    rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (0, 0, 255, 128))
+    img = decode_image(_encode(rgba))
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)
+    r, g, b = img.getpixel((1, 0))
+    assert 120 <= r <= 135 and b == 255  # half-transparent blue over white
+
+
+def test_la_and_cmyk_jpeg_become_rgb() -> None:
+    assert decode_image(_encode(Image.new("LA", (3, 3), (50, 255)))).getpixel((0, 0)) == (50, 50, 50)
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # red in CMYK
+    data = _encode(cmyk, "JPEG", quality=95)
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    img = decode_image(data)
+    assert img.mode == "RGB"
+    r, g, b = img.getpixel((8, 8))
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_ycbcr_and_webp_become_rgb() -> None:
+    assert decode_image(_encode(_rgb_image(), "WEBP")).mode == "RGB"
+    assert decode_image(_encode(_rgb_image().convert("YCbCr"), "JPEG")).mode == "RGB"
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", None])
+def test_corrupt_bytes_raise_sample_error(data: bytes | None) -> None:
+    if data is None:
+        data = _encode(_rgb_image((64, 64)))[:200]  # truncated PNG: header parses, pixels do not
+    with pytest.raises(SampleError, match="key-42") as info:
+        decode_image(data, key="key-42")
+    assert info.value.reason == "corrupt_image"
+    assert isinstance(info.value, ValueError)
+
+
+def test_pixel_limit_guards_bombs() -> None:
+    with pytest.raises(SampleError, match="decompression bomb") as info:
+        decode_image(_encode(_rgb_image((40, 30))), key="big", max_pixels=1000)
+    assert info.value.reason == "corrupt_image"
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_transform_shape_and_dtype(train: bool) -> None:
+    transform = make_transform(24, train=train)
+    out = transform(_rgb_image((40, 30)))
+    assert type(out) is torch.Tensor
+    assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+    assert -1.0 <= out.min() and out.max() <= 1.0  # default mean/std 0.5 maps [0,1] to [-1,1]
+
+
+def test_eval_transform_is_deterministic() -> None:
+    transform = make_transform(16, train=False)
+    img = _rgb_image()
+    assert torch.equal(transform(img), transform(img))
+
+
+def test_seeded_train_transform_is_reproducible_and_isolated() -> None:
+    transform = make_transform(16, train=True, hflip=True)
+    img = _rgb_image((64, 48))
+    torch.manual_seed(123)
+    a = apply_transform(transform, img, seed=7)
+    after_a = torch.rand(1)
+    torch.manual_seed(999)  # different global state must not matter
+    torch.rand(5)
+    b = apply_transform(transform, img, seed=7)
+    assert torch.equal(a, b)
+    torch.manual_seed(123)
+    apply_transform(transform, img, seed=8)
+    assert torch.equal(torch.rand(1), after_a)  # the caller's RNG stream is untouched
+    outs = {apply_transform(transform, img, seed=s).sum().item() for s in range(6)}
+    assert len(outs) > 1  # different seeds give different crops
