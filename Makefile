@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO_DATA := data/synth
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+$(DEMO_DATA)/dataset.json: | $(STAMP)
+	$(BIN)/expertpar data synth --out $(DEMO_DATA) --n 6000 --n-test 1000
+
+demo: $(STAMP) $(DEMO_DATA)/dataset.json
+	$(BIN)/expertpar train jobs/quickstart.yaml --no-resume
+	$(BIN)/expertpar eval runs/quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10
+
+clean:
+	rm -rf runs data/synth .pytest_cache

@@ -1,0 +1,31 @@
+"""Shared fixtures: small synthetic datasets and configs, made once per session."""
+from __future__ import annotations
+
+import pytest
+
+from expertpar.config import config_from_dict
+from expertpar.data import write_synthetic
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """1,600 training and 400 held-out coloured-shapes pairs (16 classes)."""
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic(out, n_train=1600, n_test=400, seed=0)
+    return out
+
+
+def tiny_config(data_dir, run_dir, **overrides):
+    """A model small enough for CPU tests; ``overrides`` are dotted keys -> values."""
+    tree = {
+        "run": {"name": "tiny", "out_dir": str(run_dir), "seed": 0},
+        "data": {"train": str(data_dir / "train"), "eval": str(data_dir / "test")},
+        "tokenizer": {"vocab_size": 128, "context_length": 12},
+        "model": {"dim": 32, "depth": 2, "heads": 2, "ffn_hidden": 64, "embed_dim": 32,
+                  "patch_size": 8,
+                  "moe": {"num_experts": 4, "top_k": 1, "every": 2, "expert_hidden": 64}},
+        "train": {"steps": 20, "batch_size": 32, "lr": 0.003, "warmup_steps": 5,
+                  "log_every": 5, "eval_every": 0, "checkpoint_every": 10},
+        "eval": {"batch_size": 200},
+    }
+    return config_from_dict(tree, [f"{k}={v}" for k, v in overrides.items()])

@@ -1,0 +1,115 @@
+"""End to end, in process, on synthetic data: learning, resume, bad samples, the CLI."""
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import pytest
+
+from conftest import tiny_config
+from expertpar.cli import main
+from expertpar.data import RawSample, iter_samples, write_webdataset
+from expertpar.train import train
+from expertpar.train.metrics import read_metrics
+
+
+@pytest.mark.slow
+def test_loss_falls_and_zero_shot_beats_chance(synth_dir, tmp_path):
+    cfg = tiny_config(synth_dir, tmp_path, **{"train.steps": 200, "train.eval_every": 0})
+    result = train(cfg, echo=lambda s: None)
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    chance = result.eval["zero_shot/chance_top1"]
+    assert chance == pytest.approx(1 / 16)
+    # Well above chance: at least 3x on 400 held-out images.
+    assert result.eval["zero_shot/top1"] > 3 * chance, result.eval
+    assert result.eval["retrieval/image_to_text/R@10"] > 0.3, result.eval
+    # Routing statistics reach the metrics.
+    assert "eval/moe0/image/tokens_expert0" in result.eval
+    for name in ("metrics.jsonl", "eval.json", "tokenizer.json", "config.yaml",
+                 "checkpoints/latest"):
+        assert (cfg.run_dir / name).exists(), name
+
+
+def test_resume_matches_uninterrupted_run(synth_dir, tmp_path):
+    full = train(tiny_config(synth_dir, tmp_path / "a"), echo=lambda s: None)
+    cfg_b = tiny_config(synth_dir, tmp_path / "b")
+    first = train(cfg_b, stop_after=10, echo=lambda s: None)
+    assert first.steps_done == 10
+    second = train(cfg_b, echo=lambda s: None)
+    assert len(second.losses) == 10
+    assert first.losses + second.losses == pytest.approx(full.losses, rel=1e-6, abs=1e-7)
+    # The metrics file holds each step once, as if the run had never stopped.
+    steps = [r["step"] for r in read_metrics(cfg_b.run_dir / "metrics.jsonl")
+             if "loss/total" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 20
+
+
+def test_resume_with_noisy_gating_and_top2(synth_dir, tmp_path):
+    over = {"model.moe.noise_std": 0.5, "model.moe.top_k": 2, "train.steps": 12,
+            "train.checkpoint_every": 6}
+    full = train(tiny_config(synth_dir, tmp_path / "a", **over), echo=lambda s: None)
+    cfg_b = tiny_config(synth_dir, tmp_path / "b", **over)
+    a = train(cfg_b, stop_after=6, echo=lambda s: None).losses
+    b = train(cfg_b, echo=lambda s: None).losses
+    assert a + b == pytest.approx(full.losses, rel=1e-6, abs=1e-7)
+
+
+def _png(color) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_samples_are_skipped_and_counted(synth_dir, tmp_path):
+    good = list(iter_samples(synth_dir / "train"))[:60]
+    bad = [
+        RawSample("bad_corrupt", b"\x89PNG\r\n\x1a\nnot really a png", "png", "a red circle", {}),
+        RawSample("bad_empty", _png((200, 0, 0)), "png", "   ", {}),
+        RawSample("bad_missing", _png((0, 200, 0)), "png", None, {}),
+    ]
+    samples = good[:30] + bad + good[30:]
+    random.Random(0).shuffle(samples)
+    write_webdataset(samples, tmp_path / "shards", shard_size=1000)
+    cfg = tiny_config(synth_dir, tmp_path / "run", **{"data.train": str(tmp_path / "shards"),
+                                                      "train.steps": 4})
+    result = train(cfg, echo=lambda s: None)
+    assert result.steps_done == 4
+    start = read_metrics(cfg.run_dir / "metrics.jsonl")[0]
+    assert start["data/skipped/total"] == 3
+    assert start["data/skipped/corrupt_image"] == 1
+    assert start["data/skipped/empty_caption"] == 1
+    assert start["data/skipped/missing_caption"] == 1
+    assert start["data/train_samples"] == 60
+
+
+def test_cli_train_eval_and_errors(synth_dir, tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    cfg = tiny_config(synth_dir, tmp_path)
+    from expertpar.config import dump_config
+    job.write_text(dump_config(cfg))
+    assert main(["train", str(job), "--set", "train.steps=6", "--set",
+                 "model.moe.num_experts=8"]) == 0
+    out = capsys.readouterr().out
+    assert "run directory:" in out and "step      6/6" in out
+    saved = (cfg.run_dir / "config.yaml").read_text()
+    assert "num_experts: 8" in saved
+    assert main(["eval", str(cfg.run_dir)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["step"] == 6 and "zero_shot/top1" in metrics
+    # Bad input: a clear error naming the key, exit code 2, nothing written.
+    assert main(["train", str(job), "--set", "model.moe.top_k=9"]) == 2
+    assert "model.moe.top_k" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "expertpar", "data", "synth", "--out",
+                          str(tmp_path / "d"), "--n", "20"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "d" / "dataset.json").exists()
