@@ -197,6 +197,46 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    backend: Literal["local", "ray"] = "local"  # local: one process; ray: expert actors
+    address: Optional[str] = None  # Ray address ("auto", "ray://..."); null: RAY_ADDRESS or embedded
+    num_workers: int = 1  # Ray Train workers running the data-parallel dense part
+    use_gpu: bool = False  # one GPU per train worker
+    cpus_per_worker: float = 1.0
+    embedded_num_cpus: Optional[int] = None  # logical CPUs of an embedded Ray (null: enough)
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        if self.num_workers < 1:
+            bad.append(("num_workers", "must be >= 1"))
+        if self.cpus_per_worker < 0:
+            bad.append(("cpus_per_worker", "must be >= 0"))
+        if self.embedded_num_cpus is not None and self.embedded_num_cpus < 1:
+            bad.append(("embedded_num_cpus", "must be >= 1 or null"))
+        return bad
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    num_actors: int = 2  # expert actors hosting the (MoE layer, expert) shards
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # fractional shares allowed, e.g. 0.25
+    placement: Literal["spread", "pack"] = "spread"  # placement-group strategy over nodes
+    router_cpus: float = 0.0  # the router only gates and moves tokens; experts compute
+
+    def check(self) -> list[tuple[str, str]]:
+        bad = []
+        if self.num_actors < 1:
+            bad.append(("num_actors", "must be >= 1"))
+        for key in ("cpus_per_actor", "gpus_per_actor", "router_cpus"):
+            if getattr(self, key) < 0:
+                bad.append((key, "must be >= 0"))
+        if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
+            bad.append(("gpus_per_actor", "must be a fraction <= 1 or a whole number"))
+        return bad
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -204,13 +244,32 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
         if self.model.stem == "patch" and self.data.image_size % self.model.patch_size:
             bad.append(("model.patch_size",
                         f"must divide data.image_size ({self.data.image_size})"))
+        W = self.distributed.num_workers
+        if self.distributed.backend == "ray" and self.train.batch_size % W:
+            bad.append(("train.batch_size",
+                        f"must be divisible by distributed.num_workers ({W})"))
+        if self.distributed.backend == "ray" and self.model.variant == "moe":
+            from .distributed.placement import check_num_actors
+            problem = check_num_actors(self.experts.num_actors, self.num_moe_layers,
+                                       self.model.moe.num_experts)
+            if problem:
+                bad.append(("experts.num_actors", problem))
         return bad
+
+    @property
+    def num_moe_layers(self) -> int:
+        if self.model.variant != "moe":
+            return 0
+        towers = 1 if self.model.towers == "shared" else 2
+        return towers * (self.model.depth // self.model.moe.every)
 
     @property
     def run_dir(self) -> Path:

@@ -75,7 +75,8 @@ class VisionLanguageModel(nn.Module):
 
     def moe_layers(self) -> list[tuple[str, nn.Module]]:
         """(module name, layer) of every MoE layer, in MoE-layer-index order."""
-        found = [(n, m.ffn) for n, m in self.named_modules() if isinstance(m, Block) and m.is_moe]
+        found = [(f"{n}.ffn", m.ffn) for n, m in self.named_modules()
+                 if isinstance(m, Block) and m.is_moe]
         return sorted(found, key=lambda item: item[1].layer_index)
 
     def _run(self, tower: nn.ModuleList, seqs: list[Seq], ctx: RouteContext,

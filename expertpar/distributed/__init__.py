@@ -1,0 +1,1 @@
+"""Expert parallelism on Ray: placement, expert and router actors, the bridge, the job."""

@@ -1,0 +1,188 @@
+"""RouterActor: owns the gates, gathers every train worker's tokens, routes them jointly.
+
+One router serves all train workers. For each (call, MoE layer) it waits for the tokens of the
+whole group, orders them as one in-process batch would be ordered (all image tokens, then all
+text tokens, each in worker order), and runs the ordinary ``MoELayer`` on them with
+``RemoteExperts``. Capacity, dropping order, auxiliary losses and statistics are therefore those
+of the whole global batch, exactly as in process, whatever the number of workers. Backward
+gathers the workers' output gradients the same way and returns each worker its input gradient.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+from ..config import MoEConfig, TrainConfig
+from ..moe.layer import MoELayer, RouteContext
+from ..train.optim import build_optimizer, set_lr
+from .remote_experts import RemoteExperts
+from .tensors import from_wire, to_wire
+
+GATHER_TIMEOUT_S = 600.0
+
+
+@dataclass
+class _Gather:
+    """Rendezvous of ``size`` workers; the last to arrive computes for all."""
+    size: int
+    parts: dict[int, tuple] = field(default_factory=dict)
+    result: object = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class RouterActor:
+    def __init__(self, dim: int, moe: MoEConfig, train: TrainConfig, num_layers: int, seed: int,
+                 actors: list, owner: dict[tuple[int, int], int],
+                 state: dict[str, torch.Tensor] | None = None):
+        torch.set_num_threads(1)
+        self.layers = [MoELayer(dim, moe, L, seed=seed, experts=RemoteExperts(L, actors, owner))
+                       for L in range(num_layers)]
+        self.actors = actors
+        self.named = [(f"moe{L}.{n}", p) for L, layer in enumerate(self.layers)
+                      for n, p in layer.named_parameters()]
+        self.optimizer = build_optimizer([(n, p) for n, p in self.named], train)
+        self.lock = threading.Lock()
+        self.gathers: dict[tuple, _Gather] = {}
+        self.saved: dict[tuple[str, int], tuple] = {}  # forward graph kept for backward
+        self.norms: tuple[int, list] | None = None
+        if state:
+            self.load_state(state)
+
+    # ----------------------------------------------------------------- rendezvous
+
+    def _rendezvous(self, tag: tuple, rank: int, size: int, part: tuple, compute):
+        with self.lock:
+            g = self.gathers.setdefault(tag, _Gather(size))
+            if rank in g.parts:
+                raise RuntimeError(f"router: rank {rank} sent {tag} twice")
+            g.parts[rank] = part
+            last = len(g.parts) == g.size
+        if last:
+            try:
+                g.result = compute([g.parts[r] for r in range(size)])
+            except BaseException as err:  # every waiting worker must hear of it
+                g.error = err
+            finally:
+                with self.lock:
+                    self.gathers.pop(tag, None)
+                g.done.set()
+        elif not g.done.wait(GATHER_TIMEOUT_S):
+            raise TimeoutError(f"router: waited {GATHER_TIMEOUT_S:.0f}s for all {size} workers "
+                               f"at {tag}; got ranks {sorted(g.parts)}")
+        if g.error is not None:
+            raise RuntimeError(f"router failed at {tag}: {g.error!r}") from g.error
+        return g.result[rank]
+
+    # ----------------------------------------------------------------- forward / backward
+
+    def forward(self, key: str, layer: int, rank: int, size: int, x_TD: np.ndarray,
+                modality_T: np.ndarray, training: bool, seed: int, step: int):
+        return self._rendezvous(("fwd", key, layer), rank, size, (x_TD, modality_T),
+                                lambda parts: self._forward(key, layer, parts, training,
+                                                            RouteContext(seed, step)))
+
+    def _forward(self, key, layer, parts, training, ctx):
+        moe = self.layers[layer]
+        moe.train(training)
+        moe.experts.call_key = key
+        x_TD = torch.cat([from_wire(x) for x, _ in parts])
+        modality_T = torch.cat([from_wire(m) for _, m in parts])
+        # In-process token order: every image token (worker order), then every text token.
+        order = torch.argsort(modality_T, stable=True)
+        x_TD, modality_T = x_TD[order], modality_T[order]
+        if training:
+            x_TD.requires_grad_(True)
+        with torch.set_grad_enabled(training):
+            out = moe(x_TD, modality_T, ctx)
+        if training:
+            self.saved[(key, layer)] = (x_TD, out.y_TD, out.aux_loss, order, parts)
+        y_TD = torch.empty_like(out.y_TD)
+        y_TD[order] = out.y_TD.detach()  # back to the workers' own order
+        aux = {k: float(v) for k, v in out.aux.items()}
+        stats = out.stats
+        results, start = [], 0
+        for x_part, _ in parts:
+            n = x_part.shape[0]
+            results.append((to_wire(y_TD[start:start + n]), out.aux_loss.item(), aux, stats))
+            start += n
+        return results
+
+    def backward(self, key: str, layer: int, rank: int, size: int, dy_TD: np.ndarray,
+                 d_aux: float):
+        return self._rendezvous(("bwd", key, layer), rank, size, (dy_TD, d_aux),
+                                lambda parts: self._backward(key, layer, parts))
+
+    def _backward(self, key, layer, parts):
+        x_TD, y_TD, aux_loss, order, fwd_parts = self.saved.pop((key, layer))
+        dy_TD = torch.cat([from_wire(dy) for dy, _ in parts])[order]
+        d_aux = sum(d for _, d in parts)  # each worker holds aux / W of the global loss
+        torch.autograd.backward([y_TD, aux_loss], [dy_TD, torch.tensor(d_aux)])
+        dx_TD = torch.empty_like(x_TD)
+        dx_TD[order] = x_TD.grad
+        results, start = [], 0
+        for x_part, _ in fwd_parts:
+            n = x_part.shape[0]
+            results.append(to_wire(dx_TD[start:start + n]))
+            start += n
+        return results
+
+    # ----------------------------------------------------------------- step
+
+    def grad_norms(self, step: int) -> list[tuple[str, float]]:
+        """Norms of every gate and expert gradient (asked by each worker, computed once)."""
+        with self.lock:
+            if self.norms is not None and self.norms[0] == step:
+                return self.norms[1]
+            own = [(n, float(torch.linalg.vector_norm(p.grad))) for n, p in self.named
+                   if p.grad is not None]
+            remote = [x for part in ray.get([a.grad_norms.remote() for a in self.actors])
+                      for x in part]
+            self.norms = (step, own + remote)
+            return self.norms[1]
+
+    def step(self, lr: float, clip_coef: float) -> None:
+        refs = [a.step.remote(lr, clip_coef) for a in self.actors]
+        for _, p in self.named:
+            if p.grad is not None:
+                p.grad.mul_(clip_coef)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.saved.clear()
+        ray.get(refs)
+
+    # ----------------------------------------------------------------- state
+
+    def grads(self) -> dict[str, np.ndarray]:
+        own = {f"router.safetensors:{n}": to_wire(p.grad) for n, p in self.named
+               if p.grad is not None}
+        for part in ray.get([a.grads.remote() for a in self.actors]):
+            own.update(part)
+        return own
+
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The whole MoE side of a checkpoint: router.safetensors and every expert shard."""
+        router: dict[str, torch.Tensor] = {}
+        for name, p in self.named:
+            router[name] = p.detach().clone()
+            for k, v in self.optimizer.state.get(p, {}).items():
+                router[f"{name}::{k}"] = torch.as_tensor(v).detach().clone()
+        out = {"router.safetensors": router}
+        for part in ray.get([a.state.remote() for a in self.actors]):
+            out.update(part)
+        return out
+
+    def load_state(self, router: dict[str, torch.Tensor]) -> None:
+        for name, p in self.named:
+            if name not in router:
+                raise KeyError(f"checkpoint has no '{name}' in router.safetensors")
+            with torch.no_grad():
+                p.copy_(router[name])
+            if f"{name}::exp_avg" in router:
+                self.optimizer.state[p] = {k: router[f"{name}::{k}"].clone()
+                                           for k in ("exp_avg", "exp_avg_sq", "step")}
