@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -279,6 +280,9 @@ class Config:
 # ---------------------------------------------------------------- loading and checking
 
 
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -321,6 +325,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"config key '{path}': {value!r} is not an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{path}': {value!r} is not a number")
         if not math.isfinite(value):
@@ -343,9 +349,12 @@ def _build(cls: type, data: Any, path: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' "
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' = {data[unknown[0]]!r} "
                           f"(known keys under '{path or '<root>'}': {sorted(names)})")
     kwargs = {k: _convert(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    for f in dataclasses.fields(cls):  # absent sections are still checked (data.train!)
+        if f.name not in kwargs and dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], {}, f"{prefix}{f.name}")
     obj = cls(**kwargs)
     for key, message in obj.check():
         value = obj
@@ -360,7 +369,9 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # an absent or empty (`model:`) section
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: '{part}' is not a section")
         node = child

@@ -14,13 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = {"data": {"train": "data/synth/train"}}  # the one required value
 
 
-MISSING_DATA_BUG = (
-    "config._build only builds and check()s sections present in the mapping; an absent "
-    "'data' section comes from DataConfig's default_factory and its check() never runs, so "
-    "config_from_dict({}) / an empty YAML file returns a Config with data.train == '' instead "
-    "of raising \"config key 'data.train': '' is required\" (as 'data: {}' does).")
-
-
 def build(tree: dict | None = None, overrides=()) -> Config:
     merged = {**BASE, **(tree or {})}
     if "data" in (tree or {}):
@@ -50,7 +43,6 @@ def test_missing_train_is_refused_when_data_section_present():
         config_from_dict({"data": None})
 
 
-@pytest.mark.xfail(strict=True, reason=MISSING_DATA_BUG)
 def test_missing_train_is_refused_when_data_section_absent():
     with pytest.raises(ConfigError, match=r"data\.train"):
         config_from_dict({"run": {"name": "x"}})
@@ -293,17 +285,10 @@ def test_set_into_a_scalar_refused():
         build({"model": {"dim": 32}}, overrides=["model.dim.x=1"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "parse_override/load_config use PyYAML (YAML 1.1), which reads '1e-3' (no dot) as the "
-    "string '1e-3'; float fields then refuse it: \"config key 'train.lr': '1e-3' is not a "
-    "number\"."))
 def test_set_scientific_notation_float():
     assert build(overrides=["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an empty section in the file (`model:` -> None) is accepted by _build as {}, but "
-    "_set_path raises \"--set model.dim: 'model' is not a section\" for an override into it."))
 def test_set_into_empty_section_from_file():
     cfg = config_from_dict({"data": {"train": "x"}, "model": None}, ["model.dim=32"])
     assert cfg.model.dim == 32
@@ -345,7 +330,6 @@ def test_load_config_error_is_prefixed_with_file(tmp_path):
     assert str(path) in msg and "'model.moe.top_k'" in msg and "9" in msg
 
 
-@pytest.mark.xfail(strict=True, reason=MISSING_DATA_BUG)
 def test_load_config_empty_file_refused_for_missing_train(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")

@@ -80,6 +80,20 @@ class StoredSample(NamedTuple):
     label: int  # -1 when unknown
 
 
+def to_stored(raw: RawSample) -> StoredSample:
+    """The validated, in-memory form of a sample; raises SampleError naming why not."""
+    _, caption = validate_sample(raw)
+    return StoredSample(raw.key, raw.image, caption, _label(raw))  # type: ignore[arg-type]
+
+
+def sample_tensor(sample: StoredSample, index: int, transform: Transform, *,
+                  seed: int | None) -> torch.Tensor:
+    """Decode and transform one sample; with `seed`, its augmentation depends on (seed, index)."""
+    image = decode_image(sample.image, key=sample.key)
+    return apply_transform(transform, image,
+                           seed=None if seed is None else combine_seed(seed, int(index)))
+
+
 class ImageTextDataset:
     """Validated samples of one source, held in memory as encoded bytes."""
 
@@ -103,12 +117,10 @@ class ImageTextDataset:
             if max_samples is not None and len(samples) >= max_samples:
                 break
             try:
-                _, caption = validate_sample(raw)
+                samples.append(to_stored(raw))
             except SampleError as exc:
                 skipped.add(exc.reason)
                 logger.warning("skipping sample %r (%s): %s", raw.key, exc.reason, exc)
-                continue
-            samples.append(StoredSample(raw.key, raw.image, caption, _label(raw)))  # type: ignore[arg-type]
         if skipped.total:
             logger.warning("%s: kept %d samples, skipped %d (%s)", source, len(samples), skipped.total,
                            ", ".join(f"{r}={n}" for r, n in sorted(skipped.counts.items())))
@@ -141,9 +153,7 @@ class ImageTextDataset:
             if not 0 <= index < len(self.samples):
                 raise IndexError(f"sample index {index} out of range for a dataset of {len(self.samples)}")
             sample = self.samples[index]
-            image = decode_image(sample.image, key=sample.key)
-            sample_seed = None if seed is None else combine_seed(seed, int(index))
-            images.append(apply_transform(transform, image, seed=sample_seed))
+            images.append(sample_tensor(sample, index, transform, seed=seed))
             captions.append(sample.caption)
             labels.append(sample.label)
         return torch.stack(images), captions, torch.tensor(labels, dtype=torch.int64)

@@ -1,6 +1,6 @@
 """Auxiliary router losses, each a plain function of the routing (returned, never global).
 
-Minima, for the tests: load balance is 1 at a uniform router; z-loss is 0 at zero logits;
+Minima, for the tests: load balance is 1 at a uniform router; z-loss is (log E)^2 at zero logits and 0 where logsumexp is 0;
 local entropy is 0 for one-hot routing; the global term is -log E when experts are used evenly.
 """
 from __future__ import annotations

@@ -62,6 +62,9 @@ def train_step(model, optimizer, images, ids, mask, ctx: RouteContext, grad_clip
 def train(cfg: Config, *, backend: MoEBackend | None = None, resume: bool = True,
           stop_after: int | None = None, echo: Callable[[str], None] = print) -> TrainResult:
     """Train as ``cfg`` says; ``stop_after`` ends early after that many steps (tests, faults)."""
+    if cfg.distributed.backend == "ray" and backend is None:
+        from ..distributed.job import train_ray
+        return train_ray(cfg, resume=resume, stop_after=stop_after, echo=echo)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     seed, tc = cfg.run.seed, cfg.train
@@ -122,7 +125,7 @@ def train(cfg: Config, *, backend: MoEBackend | None = None, resume: bool = True
                                     device=device)
             metrics_log.write({"step": done, **eval_metrics})
             (run_dir / "eval.json").write_text(json.dumps({"step": done, **eval_metrics}, indent=1))
-            echo(_eval_line(done, eval_metrics))
+            echo(eval_line(done, eval_metrics))
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done in (end, tc.steps):
             save(run_dir, done, model, optimizer, cfg, data)
     return TrainResult(run_dir, end, loss, eval_metrics, losses)
@@ -137,7 +140,7 @@ def save(run_dir: Path, step: int, model, optimizer, cfg: Config, data) -> Path:
         keep=cfg.train.keep_checkpoints)
 
 
-def _eval_line(step: int, m: dict[str, float]) -> str:
+def eval_line(step: int, m: dict[str, float]) -> str:
     parts = [f"eval @ {step}:"]
     for key in ("zero_shot/top1", "zero_shot/top5", "retrieval/image_to_text/R@1",
                 "retrieval/text_to_image/R@1", "retrieval/image_to_text/R@5"):

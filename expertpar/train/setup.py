@@ -50,16 +50,20 @@ def load_run_data(cfg: Config, run_dir: Path) -> RunData:
              if cfg.data.eval else None)
     info = (find_dataset_info(cfg.data.eval) if cfg.data.eval else None) or find_dataset_info(
         cfg.data.train)
+    return RunData(train, evald, info, load_tokenizer_for(cfg, run_dir, train.captions))
+
+
+def load_tokenizer_for(cfg: Config, run_dir: Path, captions: list[str]):
+    """The run's tokenizer: kept from an earlier start, loaded from a file, or trained."""
     saved = run_dir / "tokenizer.json"
     if saved.exists():  # a resumed run keeps the vocabulary its weights were trained with
-        tokenizer = load_tokenizer(saved)
-    elif cfg.tokenizer.path:
+        return load_tokenizer(saved)
+    if cfg.tokenizer.path:
         tokenizer = load_tokenizer(cfg.tokenizer.path)
     else:
-        tokenizer = train_tokenizer(train.captions, cfg.tokenizer.vocab_size)
-    if not saved.exists():
-        save_tokenizer(tokenizer, saved)
-    return RunData(train, evald, info, tokenizer)
+        tokenizer = train_tokenizer(captions, cfg.tokenizer.vocab_size)
+    save_tokenizer(tokenizer, saved)
+    return tokenizer
 
 
 def build_model(cfg: Config, vocab: int, backend: MoEBackend | None = None) -> VisionLanguageModel:
