@@ -36,7 +36,16 @@ def _read_file(row: dict) -> list[dict]:
     return out
 
 
+def quiet_data_context() -> None:
+    """Keep batches in order and the console free of progress bars."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 def load_split(source: str, *, max_samples: int | None = None) -> ImageTextDataset:
+    quiet_data_context()
     files = list_shards(source)
     ds = ray.data.from_items([{"path": str(p)} for p in files],
                              override_num_blocks=max(1, len(files)))
@@ -89,8 +98,7 @@ def worker_stream(samples_ref, n: int, cfg, tokenizer_json: str, *, start: int, 
                   rank: int, world: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor,
                                                            torch.Tensor]]:
     """Yield (step, images_BCHW, ids_BL, mask_BL) for this worker, one per step, in order."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
+    quiet_data_context()
     local = cfg.train.batch_size // world
     rows = worker_rows(n, cfg.train.batch_size, seed=cfg.run.seed, start=start, end=end,
                        rank=rank, world=world)

@@ -38,6 +38,7 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.run.seed)
+    t_setup = time.perf_counter()
     started = ray_init(cfg)
     moe = None
     try:
@@ -56,6 +57,7 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         moe = start_moe_actors(cfg, shards)
         end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+        echo(f"ray: data and {len(moe.actors)} expert actors ready in {time.perf_counter() - t_setup:.1f}s")
         loop_config = {
             "cfg": config_to_dict(cfg), "run_dir": str(run_dir), "router": moe.router,
             "train_ref": ray.put(train_ds.samples), "n_train": len(train_ds),
@@ -73,7 +75,9 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
             run_config=RunConfig(name=cfg.run.name, storage_path=str(run_dir / "ray_train"),
                                  checkpoint_config=CheckpointConfig(
                                      num_to_keep=cfg.train.keep_checkpoints)))
+        t_fit = time.perf_counter()
         result = trainer.fit()
+        echo(f"ray: training job finished in {time.perf_counter() - t_fit:.1f}s")
         final = result.metrics or {}
         return TrainResult(run_dir, end, final.get("loss/total", float("nan")),
                            final.get("eval", {}), final.get("losses", []))
@@ -130,13 +134,11 @@ def train_worker(config: dict) -> None:
         tokens_seen += tokens
 
         done = step + 1
-        report: dict = {}
         if done % tc.log_every == 0 or done == end:
             for L, s in sorted(stats.items()):
                 metrics.update(s.summary(f"moe{L}"))
             metrics.update({"step": done, "optim/lr": lr, "time/data_s": t_data,
                             "time/step_s": dt, "throughput/tokens_per_s": tokens / dt})
-            report = dict(metrics)
             if lead:
                 metrics_log.write(metrics)
                 elapsed = time.perf_counter() - t_begin
@@ -150,8 +152,10 @@ def train_worker(config: dict) -> None:
             (run_dir / "eval.json").write_text(json.dumps({"step": done, **eval_metrics},
                                                           indent=1))
             echo_line(eval_line(done, eval_metrics))
-        checkpoint = None
+        # ray.train.report is a barrier of all workers (about a second here), so it goes with
+        # checkpoints only; every step's metrics are in metrics.jsonl already.
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done in (end, tc.steps):
+            checkpoint = None
             if lead:
                 shards = gather_tensors(model, optimizer)
                 shards.update(ray.get(router.state.remote()))
@@ -162,10 +166,9 @@ def train_worker(config: dict) -> None:
                                 "tokenizer.json": config["tokenizer_json"]},
                     keep=tc.keep_checkpoints)
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
-            report = report or {"step": done}
-        if done == end:
-            report.update({"losses": losses, "eval": eval_metrics, "loss/total": loss})
-        if report:
+            report = {"step": done, "loss/total": loss, **metrics}
+            if done == end:
+                report.update({"losses": losses, "eval": eval_metrics})
             ray.train.report(report, checkpoint=checkpoint)
         t0 = time.perf_counter()
 
