@@ -18,6 +18,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="job YAML, e.g. jobs/quickstart.yaml")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.moe.num_experts=8")
+    t.add_argument("--address", default=None,
+                   help="run on this Ray cluster ('auto' after `ray start --head`); implies "
+                        "distributed.backend=ray")
+    t.add_argument("--local", action="store_true",
+                   help="train in this process, without Ray (distributed.backend=local)")
     t.add_argument("--no-resume", action="store_true",
                    help="start from scratch even if the run directory has a checkpoint")
 
@@ -44,7 +49,12 @@ def _train(args) -> int:
     from .config import load_config
     from .train import train
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.address:
+        overrides += [f"distributed.backend=ray", f"distributed.address={args.address}"]
+    if args.local:
+        overrides.append("distributed.backend=local")
+    cfg = load_config(args.config, overrides)
     result = train(cfg, resume=not args.no_resume)
     print(f"run directory: {result.run_dir.resolve()}")
     print(f"  metrics: {result.run_dir / 'metrics.jsonl'}\n  checkpoints: "

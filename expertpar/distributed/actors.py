@@ -50,6 +50,7 @@ class MoEActors:
     actors: list
     hosts: list[list[tuple[int, int]]]
     pg: object
+    infos: list[dict]  # per actor: node, shards, resources, device
 
     def shutdown(self) -> None:
         for handle in [self.router, *self.actors]:
@@ -94,9 +95,10 @@ def start_moe_actors(cfg: Config, shards: dict | None = None, *,
         max_concurrency=4 * cfg.distributed.num_workers + 8,
     ).remote(cfg.model.dim, cfg.model.moe, cfg.train, L, cfg.run.seed, actors,
              owner_table(hosts), shards.get("router.safetensors"))
-    moe = MoEActors(router, actors, hosts, pg)
+    moe = MoEActors(router, actors, hosts, pg, [])
     try:
-        ray.get([a.info.remote() for a in actors] + [router.grad_norms.remote(-1)])
+        moe.infos = ray.get([a.info.remote() for a in actors])
+        ray.get(router.grad_norms.remote(-1))  # the router is up and reaches every actor
     except Exception:
         moe.shutdown()
         raise

@@ -85,6 +85,10 @@ class ExpertActor:
         self.optimizer.zero_grad(set_to_none=True)
         self.cache.clear()  # activations of an abandoned call never outlive a step
 
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.cache.clear()
+
     def grads(self) -> dict[str, np.ndarray]:
         """Gradients by checkpoint name (file:key), for parity tests."""
         return {n: to_wire(p.grad) for n, p in self.named if p.grad is not None}

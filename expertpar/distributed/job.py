@@ -56,6 +56,9 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
             echo(f"resumed from {ckpt} at step {start}")
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         moe = start_moe_actors(cfg, shards)
+        (run_dir / "ray_topology.json").write_text(json.dumps(
+            {"expert_actors": moe.infos, "num_workers": cfg.distributed.num_workers},
+            indent=1, default=str))
         end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
         echo(f"ray: data and {len(moe.actors)} expert actors ready in {time.perf_counter() - t_setup:.1f}s")
         loop_config = {

@@ -156,6 +156,13 @@ class RouterActor:
         self.saved.clear()
         ray.get(refs)
 
+    def zero_grad(self) -> None:
+        """Drop gradients and cached activations here and in every expert actor (a step that
+        will not be taken, e.g. after a failed worker)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.saved.clear()
+        ray.get([a.zero_grad.remote() for a in self.actors])
+
     # ----------------------------------------------------------------- state
 
     def grads(self) -> dict[str, np.ndarray]:

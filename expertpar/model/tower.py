@@ -27,7 +27,9 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        # No bias: a key bias provably gets zero gradient (softmax ignores a constant shift),
+        # so Adam would only amplify rounding noise in it.
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x_BND: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
