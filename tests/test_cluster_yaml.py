@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -262,9 +261,3 @@ def test_gpu_job_fits_the_cluster():
         assert Path(split).is_absolute(), split
         assert split.startswith("/home/ray/expertpar/"), split  # the file_mounts target
 
-
-def test_python_is_311_here():
-    # The image is py311; a client on another Python breaks `ray up`'s version checks and Ray
-    # Client. Only informative where the venv is not 3.11.
-    if sys.version_info[:2] != (3, 11):
-        pytest.skip(f"client Python is {sys.version_info[0]}.{sys.version_info[1]}")

@@ -47,7 +47,8 @@ def quiet_data_context() -> None:
 def load_split(source: str, *, max_samples: int | None = None) -> ImageTextDataset:
     quiet_data_context()
     files = list_shards(source)
-    ds = ray.data.from_items([{"path": str(p)} for p in files],
+    # Absolute paths: the read tasks may run on other nodes, in another working directory.
+    ds = ray.data.from_items([{"path": str(p.resolve())} for p in files],
                              override_num_blocks=max(1, len(files)))
     rows = ds.flat_map(_read_file).take_all()
     samples, skipped = [], SkipStats()

@@ -1,0 +1,58 @@
+"""Several nodes (simulated with ray.cluster_utils.Cluster) and logical GPUs on a CPU machine."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from conftest import tiny_config
+from expertpar.distributed.placement import place_experts
+from expertpar.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A head that hosts no expert (no GPU) and two worker nodes with 2 logical GPUs each.
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    for _ in range(2):
+        c.add_node(num_cpus=2, num_gpus=2)
+    ray.init(address=c.address)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_expert_actors_spread_over_nodes_with_their_gpu_share(cluster, synth_dir, tmp_path):
+    cfg = tiny_config(synth_dir, tmp_path, **{
+        "distributed.backend": "ray", "experts.num_actors": 2, "experts.cpus_per_actor": 1,
+        "experts.gpus_per_actor": 0.5, "experts.placement": "spread", "train.steps": 3,
+        "model.depth": 4})
+    result = train(cfg, echo=lambda s: None)
+    assert result.steps_done == 3 and len(result.losses) == 3
+    topo = json.loads((cfg.run_dir / "ray_topology.json").read_text())
+    actors = topo["expert_actors"]
+    # Placement: the shards each actor hosts are exactly what the pure function says.
+    hosts = place_experts(cfg.num_moe_layers, cfg.model.moe.num_experts, 2)
+    assert [[tuple(s) for s in a["shards"]] for a in actors] == hosts
+    # Spread: two different nodes, neither of them the GPU-less head.
+    nodes = {a["node_id"] for a in actors}
+    head = ray.get_runtime_context().get_node_id()
+    assert len(nodes) == 2 and head not in nodes
+    # Each actor holds the fractional GPU share the config gives it.
+    for a in actors:
+        assert a["resources"].get("GPU") == pytest.approx(0.5)
+        assert len(a["gpu_ids"]) == 1
+        assert a["device"] == "cpu"  # logical GPUs only: CUDA is not there, the actor says so
+
+
+def test_impossible_gpu_request_fails_fast_with_the_keys(cluster, synth_dir, tmp_path):
+    from expertpar.distributed.actors import start_moe_actors
+    cfg = tiny_config(synth_dir, tmp_path, **{
+        "distributed.backend": "ray", "experts.num_actors": 2, "experts.gpus_per_actor": 3})
+    with pytest.raises(RuntimeError, match="experts.gpus_per_actor"):
+        start_moe_actors(cfg, timeout_s=5)
