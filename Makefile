@@ -23,5 +23,8 @@ demo: $(STAMP) $(DEMO_DATA)/dataset.json
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10
 
+bench: $(STAMP) $(DEMO_DATA)/dataset.json
+	$(BIN)/expertpar bench jobs/quickstart.yaml --out bench-results
+
 clean:
 	rm -rf runs data/synth .pytest_cache

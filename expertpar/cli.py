@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--data", help="held-out split to use instead of the run's data.eval")
 
+    b = sub.add_parser("bench", help="step time of the Ray path vs in process, side by side")
+    b.add_argument("config", help="job YAML whose model is measured")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--out", default="bench-results")
+    b.add_argument("--steps", type=int, default=30)
+
     d = sub.add_parser("data", help="make datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="synthetic coloured-shapes image-caption pairs")
@@ -72,6 +78,19 @@ def _eval(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import run_bench
+    from .config import load_config
+
+    cfg = load_config(args.config, list(args.overrides) + ["distributed.backend=ray"])
+    r = run_bench(cfg, Path(args.out), steps=args.steps)
+    print(f"in-process step {r['in_process_step_s'] * 1e3:.1f} ms | Ray path step "
+          f"{r['ray_step_s'] * 1e3:.1f} ms | ratio {r['ray_over_in_process']:.2f}x | "
+          f"{r['ray_calls_per_step_total']:.1f} Ray calls per step")
+    print(f"wrote {Path(args.out) / 'step_time.json'}")
+    return 0
+
+
 def _data(args) -> int:
     from .data import convert_fashion_mnist, write_synthetic
 
@@ -90,7 +109,7 @@ def _data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handler = {"train": _train, "eval": _eval, "data": _data}[args.command]
+    handler = {"train": _train, "eval": _eval, "data": _data, "bench": _bench}[args.command]
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:

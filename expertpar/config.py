@@ -24,9 +24,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "run"
+    name: str = "run"  # run name: the directory under out_dir, and the Ray Train run name
     out_dir: str = "runs"  # the run directory is out_dir/name
-    seed: int = 0
+    seed: int = 0  # seeds initialisation, data order, augmentation and gate noise
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
@@ -39,10 +39,10 @@ class RunConfig:
 class DataConfig:
     train: str = ""  # shards dir, .tar, glob, or .csv/.tsv manifest
     eval: Optional[str] = None  # held-out split for zero-shot and retrieval
-    image_size: int = 32
+    image_size: int = 32  # images are resized/cropped to this square side
     hflip: bool = False  # off by default: captions say "left of" / "right of"
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    max_train_samples: Optional[int] = None  # keep only the first N valid training samples
+    max_eval_samples: Optional[int] = None  # keep only the first N valid held-out samples
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
@@ -60,8 +60,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class TokenizerConfig:
     path: Optional[str] = None  # a tokenizer.json to load; null trains one on the train captions
-    vocab_size: int = 1000
-    context_length: int = 16
+    vocab_size: int = 1000  # WordPiece vocabulary trained on the training captions
+    context_length: int = 16  # tokens per caption, [BOS] and [EOS] included
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
@@ -74,20 +74,20 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    num_experts: int = 4
-    top_k: int = 1
+    num_experts: int = 4  # E experts per MoE layer
+    top_k: int = 1  # experts chosen per token (1: Switch, 2: GShard)
     every: int = 2  # every n-th FFN (counting from the n-th) is a sparse MoE layer
     expert_hidden: int = 128  # F of each expert FFN
     temperature: float = 1.0  # alpha in softmax(alpha * logits)
     noise_std: float = 0.0  # std of Gaussian noise added to gate logits while training
     renormalize: bool = True  # top-k weights sum to 1 (only for top_k > 1; top-1 keeps p)
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    dropless: bool = False
-    drop_policy: Literal["probability", "position"] = "probability"
-    batch_prioritized_images: bool = False
-    load_balance_weight: float = 0.01
-    z_loss_weight: float = 0.001
+    capacity_factor: float = 1.25  # slots per expert = ceil(factor * tokens * top_k / E), training
+    eval_capacity_factor: float = 2.0  # the same at evaluation
+    dropless: bool = False  # no capacity limit: no token is ever dropped
+    drop_policy: Literal["probability", "position"] = "probability"  # over capacity, drop lowest-probability (or latest-position) first
+    batch_prioritized_images: bool = False  # V-MoE BPR: text first, image tokens by top-1 probability
+    load_balance_weight: float = 0.01  # Switch load-balancing loss weight
+    z_loss_weight: float = 0.001  # ST-MoE router z-loss weight
     local_entropy_weight: float = 0.0  # LIMoE, per modality; pushes each token to be decisive
     global_entropy_weight: float = 0.0  # LIMoE, per modality; pushes experts to be used evenly
 
@@ -122,12 +122,12 @@ class MoEConfig:
 class ModelConfig:
     variant: Literal["moe", "dense"] = "moe"  # dense: same active parameters per token
     towers: Literal["shared", "separate"] = "shared"  # LIMoE one tower, or CLIP two towers
-    stem: Literal["patch", "cnn"] = "patch"
-    patch_size: int = 4
-    dim: int = 64
-    depth: int = 4
-    heads: int = 4
-    ffn_hidden: int = 128
+    stem: Literal["patch", "cnn"] = "patch"  # patch: ViT conv patch embedding; cnn: torchvision ResNet-18 stem
+    patch_size: int = 4  # patch side for the patch stem
+    dim: int = 64  # D, the transformer width
+    depth: int = 4  # transformer blocks per tower
+    heads: int = 4  # attention heads
+    ffn_hidden: int = 128  # hidden width of the dense FFNs
     embed_dim: int = 64  # joint image-text space
     init_temperature: float = 0.07  # CLIP logit scale starts at 1/this
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -148,20 +148,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 1e-3
+    steps: int = 300  # optimizer steps in the whole run
+    batch_size: int = 64  # global batch (split evenly over Ray Train workers)
+    lr: float = 1e-3  # peak AdamW learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.98
+    warmup_steps: int = 20  # linear warmup steps
+    weight_decay: float = 0.05  # AdamW decay on weight matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.98  # AdamW beta2
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics lines and progress prints
     eval_every: int = 100  # 0: only at the end
     checkpoint_every: int = 100  # 0: only at the end
-    keep_checkpoints: int = 2
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the dense part runs; auto: CUDA when present
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
@@ -183,9 +183,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = 256
-    recall_at: tuple[int, ...] = (1, 5, 10)
-    zero_shot_top: tuple[int, ...] = (1, 5)
+    batch_size: int = 256  # evaluation batch size
+    recall_at: tuple[int, ...] = (1, 5, 10)  # K values of retrieval recall@K
+    zero_shot_top: tuple[int, ...] = (1, 5)  # K values of zero-shot top-K accuracy
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
@@ -203,7 +203,7 @@ class DistributedConfig:
     address: Optional[str] = None  # Ray address ("auto", "ray://..."); null: RAY_ADDRESS or embedded
     num_workers: int = 1  # Ray Train workers running the data-parallel dense part
     use_gpu: bool = False  # one GPU per train worker
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # CPUs reserved per train worker
     embedded_num_cpus: Optional[int] = None  # logical CPUs of an embedded Ray (null: enough)
 
     def check(self) -> list[tuple[str, str]]:

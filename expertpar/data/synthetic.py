@@ -21,7 +21,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-SIZES: dict[str, float] = {"small": 0.25, "large": 0.4}  # object extent as a fraction of the image side
+SIZES: dict[str, float] = {"small": 0.35, "large": 0.5}  # object extent as a fraction of the image side
 RELATIONS: tuple[str, ...] = ("above", "below", "left of", "right of")
 CLASSES: list[str] = [f"{color} {shape}" for color in COLORS for shape in SHAPES]
 TEMPLATES: tuple[str, ...] = ("a {}", "a small {}", "a large {}")

@@ -14,8 +14,10 @@ from .tensors import from_wire, to_wire
 
 
 class RemoteExperts(ExpertBackend):
-    def __init__(self, layer: int, actors: list, owner: dict[tuple[int, int], int]):
+    def __init__(self, layer: int, actors: list, owner: dict[tuple[int, int], int],
+                 count=lambda name, n: None):
         super().__init__()
+        self.count = count  # the router's call counter
         self.layer = layer
         self.actors = actors
         self.owner = owner  # (layer, expert) -> actor index
@@ -31,6 +33,7 @@ class RemoteExperts(ExpertBackend):
                 per_actor.setdefault(self.owner[(self.layer, expert)], {})[expert] = to_wire(piece)
         refs = {a: getattr(self.actors[a], method).remote(self.call_key, self.layer, xs, **kwargs)
                 for a, xs in per_actor.items()}
+        self.count(f"router->expert/{method}", len(refs))
         results = dict(zip(refs, ray.get(list(refs.values()))))  # concurrent, then gather
         out = []
         for expert, piece in enumerate(pieces):

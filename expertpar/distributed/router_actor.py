@@ -10,6 +10,7 @@ gathers the workers' output gradients the same way and returns each worker its i
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +41,9 @@ class RouterActor:
                  actors: list, owner: dict[tuple[int, int], int],
                  state: dict[str, torch.Tensor] | None = None):
         torch.set_num_threads(1)
-        self.layers = [MoELayer(dim, moe, L, seed=seed, experts=RemoteExperts(L, actors, owner))
+        self.calls: Counter = Counter()  # Ray calls made and received, for `expertpar bench`
+        self.layers = [MoELayer(dim, moe, L, seed=seed,
+                                experts=RemoteExperts(L, actors, owner, self._count))
                        for L in range(num_layers)]
         self.actors = actors
         self.named = [(f"moe{L}.{n}", p) for L, layer in enumerate(self.layers)
@@ -52,6 +55,17 @@ class RouterActor:
         self.norms: tuple[int, list] | None = None
         if state:
             self.load_state(state)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            self.calls[name] += n
+
+    def call_counts(self, reset: bool = False) -> dict[str, int]:
+        with self.lock:
+            out = dict(self.calls)
+            if reset:
+                self.calls.clear()
+        return out
 
     # ----------------------------------------------------------------- rendezvous
 
@@ -82,6 +96,7 @@ class RouterActor:
 
     def forward(self, key: str, layer: int, rank: int, size: int, x_TD: np.ndarray,
                 modality_T: np.ndarray, training: bool, seed: int, step: int):
+        self._count("worker->router/forward")
         return self._rendezvous(("fwd", key, layer), rank, size, (x_TD, modality_T),
                                 lambda parts: self._forward(key, layer, parts, training,
                                                             RouteContext(seed, step)))
@@ -114,6 +129,7 @@ class RouterActor:
 
     def backward(self, key: str, layer: int, rank: int, size: int, dy_TD: np.ndarray,
                  d_aux: float):
+        self._count("worker->router/backward")
         return self._rendezvous(("bwd", key, layer), rank, size, (dy_TD, d_aux),
                                 lambda parts: self._backward(key, layer, parts))
 
@@ -135,9 +151,11 @@ class RouterActor:
 
     def grad_norms(self, step: int) -> list[tuple[str, float]]:
         """Norms of every gate and expert gradient (asked by each worker, computed once)."""
+        self._count("worker->router/grad_norms")
         with self.lock:
             if self.norms is not None and self.norms[0] == step:
                 return self.norms[1]
+            self.calls["router->expert/grad_norms"] += len(self.actors)
             own = [(n, float(torch.linalg.vector_norm(p.grad))) for n, p in self.named
                    if p.grad is not None]
             remote = [x for part in ray.get([a.grad_norms.remote() for a in self.actors])
@@ -146,6 +164,8 @@ class RouterActor:
             return self.norms[1]
 
     def step(self, lr: float, clip_coef: float) -> None:
+        self._count("worker->router/step")
+        self._count("router->expert/step", len(self.actors))
         refs = [a.step.remote(lr, clip_coef) for a in self.actors]
         for _, p in self.named:
             if p.grad is not None:
