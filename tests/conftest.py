@@ -29,3 +29,14 @@ def tiny_config(data_dir, run_dir, **overrides):
         "eval": {"batch_size": 200},
     }
     return config_from_dict(tree, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Say why GPU tests do not run here, once per test, in the skip reason."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -61,7 +61,7 @@ def distributed_train_step(model, optimizer, router, images, ids, mask, ctx: Rou
         # counted W times by the sum below; per-sample parameters are counted once each.
         model.logit_scale.grad.div_(world)
     allreduce_sum_([p.grad for p in dense])
-    norms = [torch.linalg.vector_norm(p.grad) for p in dense]
+    norms = [torch.linalg.vector_norm(p.grad).cpu() for p in dense]  # beside the remote ones
     remote = ray.get(router.grad_norms.remote(ctx.step))
     norms += [torch.tensor(v) for _, v in remote]
     total = torch.linalg.vector_norm(torch.stack(norms))

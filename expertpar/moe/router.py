@@ -58,7 +58,7 @@ def assignment_priority(probs_TE: torch.Tensor, expert_TK: torch.Tensor,
     if cfg.drop_policy == "probability":
         score_TK = probs_TE.gather(1, expert_TK)
     else:  # "position": earlier tokens first, as in the Switch Transformer
-        pos_T = 1.0 - torch.arange(T, dtype=torch.float32) / max(T, 1)
+        pos_T = 1.0 - torch.arange(T, dtype=torch.float32, device=probs_TE.device) / max(T, 1)
         score_TK = pos_T[:, None].expand(T, K).clone()
     if cfg.batch_prioritized_images:
         # V-MoE BPR for image tokens: rank image patches by their top-1 gate probability,
@@ -76,12 +76,12 @@ def capacity_keep(expert_TK: torch.Tensor, score_TK: torch.Tensor, num_experts: 
     # k-major flattening so that choice rank dominates; a stable sort on -score within it.
     e_A = expert_TK.t().reshape(-1)
     score_A = score_TK.t().reshape(-1)
-    rank_A = torch.arange(K).repeat_interleave(T)
+    rank_A = torch.arange(K, device=expert_TK.device).repeat_interleave(T)
     order = torch.argsort(-score_A, stable=True)
     order = order[torch.argsort(rank_A[order], stable=True)]
     onehot_AE = F.one_hot(e_A[order], num_experts)
     slot_A = (onehot_AE.cumsum(0) * onehot_AE).sum(1) - 1  # position within its expert
-    keep_A = torch.empty(T * K, dtype=torch.bool)
+    keep_A = torch.empty(T * K, dtype=torch.bool, device=expert_TK.device)
     keep_A[order] = slot_A < capacity
     return keep_A.reshape(K, T).t()
 
@@ -94,7 +94,7 @@ def route(x_TD: torch.Tensor, w_ED: torch.Tensor, modality_T: torch.Tensor, cfg:
     if training and cfg.noise_std > 0:
         if noise_seed is None:
             raise ValueError("noisy gating needs a noise_seed (step and layer derived)")
-        logits_TE = logits_TE + cfg.noise_std * gate_noise((T, E), noise_seed)
+        logits_TE = logits_TE + cfg.noise_std * gate_noise((T, E), noise_seed).to(logits_TE.device)
     logits_TE = cfg.temperature * logits_TE
     probs_TE = torch.softmax(logits_TE, dim=-1)
     top_p_TK, expert_TK = probs_TE.topk(K, dim=-1)

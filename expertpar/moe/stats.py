@@ -29,9 +29,10 @@ class RoutingStats:
             kept = torch.bincount(flat[keep_A], minlength=M * E).reshape(M, E)
             p = routing.probs_TE
             ent_T = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
-            ent = torch.zeros(M).index_add_(0, modality_T, ent_T)
+            ent = torch.zeros(M, device=p.device).index_add_(0, modality_T, ent_T)
             toks = torch.bincount(modality_T, minlength=M).float()
-        return RoutingStats(routed.float(), kept.float(), ent, toks)
+        # Statistics are small; keep them on the CPU so they add up across devices and processes.
+        return RoutingStats(routed.float().cpu(), kept.float().cpu(), ent.cpu(), toks.cpu())
 
     def __add__(self, other: "RoutingStats") -> "RoutingStats":
         return RoutingStats(self.routed_ME + other.routed_ME, self.kept_ME + other.kept_ME,
