@@ -14,6 +14,7 @@ import torch
 from ..config import MoEConfig, TrainConfig
 from ..moe.experts import ExpertFFN, init_expert_
 from ..moe.layer import expert_seed
+from ..train.checkpoint import adam_state
 from ..train.optim import build_optimizer, set_lr
 from .tensors import from_wire, to_wire
 
@@ -113,6 +114,4 @@ class ExpertActor:
             with torch.no_grad():
                 p.copy_(tensors[key].to(p.device))
             if f"{key}::exp_avg" in tensors:
-                self.optimizer.state[p] = {k: tensors[f"{key}::{k}"].clone().to(p.device)
-                                           if k != "step" else tensors[f"{key}::{k}"].clone()
-                                           for k in ("exp_avg", "exp_avg_sq", "step")}
+                self.optimizer.state[p] = adam_state(tensors, key, p.device)

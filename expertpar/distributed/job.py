@@ -13,6 +13,7 @@ from typing import Callable
 
 import ray
 import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from ..config import Config, config_from_dict, config_to_dict, dump_config
@@ -23,7 +24,8 @@ from ..train.checkpoint import (gather_tensors, latest_checkpoint, read_shards,
 from ..train.loop import TrainResult, eval_line
 from ..train.metrics import MetricsLog, progress_line
 from ..train.optim import build_optimizer, lr_at, set_lr
-from ..train.setup import build_model, load_tokenizer_for, pick_device, seed_everything
+from ..train.setup import (build_model, load_tokenizer_for, pick_device, seed_everything,
+                           set_aside_previous_run)
 from .actors import ray_init, start_moe_actors
 from .bridge import RayBackend
 from .data import load_split, worker_stream
@@ -37,6 +39,8 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
 
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        set_aside_previous_run(run_dir)
     seed_everything(cfg.run.seed)
     t_setup = time.perf_counter()
     started = ray_init(cfg)
@@ -147,14 +151,18 @@ def train_worker(config: dict) -> None:
                 elapsed = time.perf_counter() - t_begin
                 echo_line(progress_line(done, tc.steps, loss, tokens_seen / elapsed,
                                         elapsed / (done - start) * (end - done)))
-        if eval_ds is not None and ((tc.eval_every and done % tc.eval_every == 0)
-                                    or done == tc.steps):
+        eval_due = config["eval_ref"] is not None and (
+            (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps)
+        if eval_due and lead:
             eval_metrics = evaluate(model, eval_ds, tokenizer, cfg, info=config["info"],
                                     device=device)
             metrics_log.write({"step": done, **eval_metrics})
             (run_dir / "eval.json").write_text(json.dumps({"step": done, **eval_metrics},
                                                           indent=1))
             echo_line(eval_line(done, eval_metrics))
+        if eval_due and world > 1:
+            # The others wait here (not in the router's rendezvous, which has a deadline).
+            dist.barrier()
         # ray.train.report is a barrier of all workers (about a second here), so it goes with
         # checkpoints only; every step's metrics are in metrics.jsonl already.
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done in (end, tc.steps):

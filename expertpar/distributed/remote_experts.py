@@ -26,12 +26,13 @@ class RemoteExperts(ExpertBackend):
     def forward(self, x_AD: torch.Tensor, counts_E: tuple[int, ...]) -> torch.Tensor:
         return _RemoteExpertsFn.apply(x_AD, self, tuple(counts_E))
 
-    def _fan_out(self, method: str, pieces: list[torch.Tensor], **kwargs) -> list[torch.Tensor]:
+    def _fan_out(self, method: str, key: str, pieces: list[torch.Tensor],
+                 **kwargs) -> list[torch.Tensor]:
         per_actor: dict[int, dict[int, object]] = {}
         for expert, piece in enumerate(pieces):
             if piece.shape[0]:
                 per_actor.setdefault(self.owner[(self.layer, expert)], {})[expert] = to_wire(piece)
-        refs = {a: getattr(self.actors[a], method).remote(self.call_key, self.layer, xs, **kwargs)
+        refs = {a: getattr(self.actors[a], method).remote(key, self.layer, xs, **kwargs)
                 for a, xs in per_actor.items()}
         self.count(f"router->expert/{method}", len(refs))
         results = dict(zip(refs, ray.get(list(refs.values()))))  # concurrent, then gather
@@ -47,13 +48,14 @@ class RemoteExperts(ExpertBackend):
 class _RemoteExpertsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_AD, module: RemoteExperts, counts_E):
-        ctx.module, ctx.counts = module, counts_E
+        # The key names the activations the actors keep; backward must use this call's key.
+        ctx.module, ctx.counts, ctx.key = module, counts_E, module.call_key
         pieces = list(torch.split(x_AD, list(counts_E)))
         # Inside forward grad mode is off; whether activations are kept depends on the input.
-        outs = module._fan_out("forward", pieces, grad=bool(x_AD.requires_grad))
+        outs = module._fan_out("forward", ctx.key, pieces, grad=bool(x_AD.requires_grad))
         return torch.cat(outs) if outs else x_AD.new_zeros(x_AD.shape)
 
     @staticmethod
     def backward(ctx, dy_AD):
         pieces = list(torch.split(dy_AD.contiguous(), list(ctx.counts)))
-        return torch.cat(ctx.module._fan_out("backward", pieces)), None, None
+        return torch.cat(ctx.module._fan_out("backward", ctx.key, pieces)), None, None

@@ -19,6 +19,7 @@ import torch
 
 from ..config import MoEConfig, TrainConfig
 from ..moe.layer import MoELayer, RouteContext
+from ..train.checkpoint import adam_state
 from ..train.optim import build_optimizer, set_lr
 from .remote_experts import RemoteExperts
 from .tensors import from_wire, to_wire
@@ -86,6 +87,8 @@ class RouterActor:
                     self.gathers.pop(tag, None)
                 g.done.set()
         elif not g.done.wait(GATHER_TIMEOUT_S):
+            with self.lock:
+                self.gathers.pop(tag, None)
             raise TimeoutError(f"router: waited {GATHER_TIMEOUT_S:.0f}s for all {size} workers "
                                f"at {tag}; got ranks {sorted(g.parts)}")
         if g.error is not None:
@@ -115,7 +118,8 @@ class RouterActor:
         with torch.set_grad_enabled(training):
             out = moe(x_TD, modality_T, ctx)
         if training:
-            self.saved[(key, layer)] = (x_TD, out.y_TD, out.aux_loss, order, parts)
+            sizes = [x.shape[0] for x, _ in parts]  # not the arrays: they pin shared memory
+            self.saved[(key, layer)] = (x_TD, out.y_TD, out.aux_loss, order, sizes)
         y_TD = torch.empty_like(out.y_TD)
         y_TD[order] = out.y_TD.detach()  # back to the workers' own order
         aux = {k: float(v) for k, v in out.aux.items()}
@@ -134,18 +138,13 @@ class RouterActor:
                                 lambda parts: self._backward(key, layer, parts))
 
     def _backward(self, key, layer, parts):
-        x_TD, y_TD, aux_loss, order, fwd_parts = self.saved.pop((key, layer))
+        x_TD, y_TD, aux_loss, order, sizes = self.saved.pop((key, layer))
         dy_TD = torch.cat([from_wire(dy) for dy, _ in parts])[order]
         d_aux = sum(d for _, d in parts)  # each worker holds aux / W of the global loss
         torch.autograd.backward([y_TD, aux_loss], [dy_TD, torch.tensor(d_aux)])
         dx_TD = torch.empty_like(x_TD)
         dx_TD[order] = x_TD.grad
-        results, start = [], 0
-        for x_part, _ in fwd_parts:
-            n = x_part.shape[0]
-            results.append(to_wire(dx_TD[start:start + n]))
-            start += n
-        return results
+        return [to_wire(part) for part in torch.split(dx_TD, sizes)]
 
     # ----------------------------------------------------------------- step
 
@@ -211,5 +210,4 @@ class RouterActor:
             with torch.no_grad():
                 p.copy_(router[name])
             if f"{name}::exp_avg" in router:
-                self.optimizer.state[p] = {k: router[f"{name}::{k}"].clone()
-                                           for k in ("exp_avg", "exp_avg_sq", "step")}
+                self.optimizer.state[p] = adam_state(router, name, p.device)

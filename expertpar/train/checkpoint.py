@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+log = logging.getLogger("expertpar")
 FORMAT = "expertpar-checkpoint/1"
 _EXPERT = re.compile(r"^experts\.experts\.(\d+)\.(.+)$")
 OPT_KEYS = ("exp_avg", "exp_avg_sq", "step")
@@ -95,8 +97,9 @@ def write_checkpoint(ckpt_root: Path, step: int, shards: dict[str, dict[str, tor
                      keep: int = 2) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
+    for stale in ckpt_root.glob(".tmp-*"):  # left by a writer killed mid-write (one writer a run)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp-step_{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "experts").mkdir(parents=True)
     for rel, tensors in shards.items():
         save_file(tensors, str(tmp / rel))
@@ -109,38 +112,65 @@ def write_checkpoint(ckpt_root: Path, step: int, shards: dict[str, dict[str, tor
         with (tmp / rel).open("rb") as f:
             os.fsync(f.fileno())
     manifest = {"format": FORMAT, "step": step, "files": {r: _sha256(tmp / r) for r in files}}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=1))
     _fsync_dir(tmp)
-    if final.exists():  # a rerun of the same step: replace it, never half-merge
-        shutil.rmtree(final)
+    if final.exists():  # a rerun of the same step: move the old one aside, never half-merge
+        os.replace(final, ckpt_root / f".tmp-replaced-{final.name}-{os.getpid()}")
     os.replace(tmp, final)
-    latest_tmp = ckpt_root / f".latest-{os.getpid()}"
-    latest_tmp.write_text(final.name + "\n")
+    latest_tmp = ckpt_root / f".tmp-latest-{os.getpid()}"
+    _write_synced(latest_tmp, final.name + "\n")
     os.replace(latest_tmp, ckpt_root / "latest")
     _fsync_dir(ckpt_root)
-    _prune(ckpt_root, keep)
+    _prune(ckpt_root, keep, final)
     return final
 
 
-def _prune(ckpt_root: Path, keep: int) -> None:
-    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _prune(ckpt_root: Path, keep: int, newest: Path) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``newest`` (the one ``latest`` names)."""
+    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name <= newest.name)
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-replaced-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint to resume from: what ``latest`` names if it verifies, else the newest
+    older one that does (with a warning naming what was wrong); None when there is none."""
+    candidates = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), reverse=True)
     pointer = ckpt_root / "latest"
-    if not pointer.exists():
-        return None
-    path = ckpt_root / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} names '{path.name}', which does not exist")
-    return path
+    named = pointer.read_text().strip() if pointer.exists() else ""
+    if named:
+        candidates = ([ckpt_root / named] +
+                      [p for p in candidates if p.name < named])
+    problems = []
+    for path in candidates:
+        try:
+            verify(path)
+            if problems:
+                log.warning("resuming from %s: newer checkpoints are unusable: %s", path,
+                            "; ".join(problems))
+            return path
+        except CheckpointError as err:
+            problems.append(str(err))
+    if problems:
+        raise CheckpointError("no usable checkpoint in " + str(ckpt_root) + ": " +
+                              "; ".join(problems))
+    return None
 
 
 def verify(path: Path) -> dict[str, Any]:
     """Read the manifest and check every file's checksum; raise naming the first bad file."""
     manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if not manifest_path.exists():
         raise CheckpointError(f"checkpoint {path} has no manifest.json (incomplete write?)")
     manifest = json.loads(manifest_path.read_text())
@@ -177,7 +207,15 @@ def restore_model(model: torch.nn.Module, shards: dict[str, dict[str, torch.Tens
         with torch.no_grad():
             p.copy_(value)
         if optimizer is not None and f"{slot.key}::exp_avg" in tensors:
-            optimizer.state[p] = {k: tensors[f"{slot.key}::{k}"].clone() for k in OPT_KEYS}
+            optimizer.state[p] = adam_state(tensors, slot.key, p.device)
+
+
+def adam_state(tensors: dict[str, torch.Tensor], key: str, device) -> dict[str, torch.Tensor]:
+    """AdamW state of one parameter: moments beside the parameter, the step count on the CPU
+    (where torch's non-capturable AdamW keeps it)."""
+    return {"exp_avg": tensors[f"{key}::exp_avg"].clone().to(device),
+            "exp_avg_sq": tensors[f"{key}::exp_avg_sq"].clone().to(device),
+            "step": tensors[f"{key}::step"].clone()}
 
 
 def read_train_state(path: Path) -> dict[str, Any]:

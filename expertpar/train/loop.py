@@ -24,7 +24,8 @@ from .checkpoint import (gather_tensors, latest_checkpoint, read_shards, read_tr
 from .loss import MAX_LOGIT_SCALE, clip_loss
 from .metrics import MetricsLog, progress_line
 from .optim import build_optimizer, lr_at, set_lr
-from .setup import load_run_data, model_for_tokenizer, pick_device, seed_everything
+from .setup import (load_run_data, model_for_tokenizer, pick_device, seed_everything,
+                    set_aside_previous_run)
 
 log = logging.getLogger("expertpar")
 
@@ -67,6 +68,8 @@ def train(cfg: Config, *, backend: MoEBackend | None = None, resume: bool = True
         return train_ray(cfg, resume=resume, stop_after=stop_after, echo=echo)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        set_aside_previous_run(run_dir)
     seed, tc = cfg.run.seed, cfg.train
     seed_everything(seed)
     device = pick_device(tc.device)

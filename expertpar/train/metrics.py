@@ -8,13 +8,14 @@ from typing import Any
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, records at or after the resume step go."""
+    """Append-only ``metrics.jsonl``; on resume, what an interrupted run logged after the
+    checkpoint it resumes from goes (those steps are run again)."""
 
     def __init__(self, path: Path, *, resume_step: int = 0):
         self.path = path
         if path.exists():
             kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) < resume_step]
+                    if line.strip() and _before(json.loads(line), resume_step)]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
@@ -22,6 +23,13 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _before(record: dict, resume_step: int) -> bool:
+    step = record.get("step", 0)
+    # Step-N records describe the state after N steps, which the checkpoint holds; the start
+    # event at N belongs to the run being replaced.
+    return step < resume_step or (step == resume_step and "event" not in record)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

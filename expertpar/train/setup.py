@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,21 @@ from ..model import VisionLanguageModel
 from ..moe import MoEBackend
 
 log = logging.getLogger("expertpar")
+
+
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """``--no-resume`` into a used run directory: move what the earlier run wrote into
+    ``replaced-<time>/`` (nothing is deleted), so the new run starts clean."""
+    names = ("checkpoints", "metrics.jsonl", "tokenizer.json", "eval.json", "ray_topology.json")
+    found = [run_dir / n for n in names if (run_dir / n).exists()]
+    if not found:
+        return None
+    aside = run_dir / time.strftime("replaced-%Y%m%d-%H%M%S")
+    aside.mkdir()
+    for path in found:
+        path.rename(aside / path.name)
+    log.warning("--no-resume: moved the earlier run's files to %s", aside)
+    return aside
 
 
 def seed_everything(seed: int) -> None:

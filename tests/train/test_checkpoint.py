@@ -1,0 +1,94 @@
+"""Checkpoints: atomic, verified, topology-free names, and safe to resume from."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from expertpar.train import train
+from expertpar.train.checkpoint import (CheckpointError, gather_tensors, latest_checkpoint,
+                                        param_slots, read_shards, restore_model, verify,
+                                        write_checkpoint)
+from expertpar.train.optim import build_optimizer
+from expertpar.train.setup import build_model
+
+
+def _model_and_opt(synth_dir, tmp_path):
+    cfg = tiny_config(synth_dir, tmp_path)
+    model = build_model(cfg, 64)
+    opt = build_optimizer(model.named_parameters(), cfg.train)
+    # One real step so the optimizer has state to save.
+    loss = sum(p.square().sum() for p in model.parameters())
+    loss.backward()
+    opt.step()
+    return cfg, model, opt
+
+
+def test_shards_are_named_by_layer_and_expert(synth_dir, tmp_path):
+    cfg, model, opt = _model_and_opt(synth_dir, tmp_path)
+    files = {s.file for s in param_slots(model).values()}
+    assert files == {"dense.safetensors", "router.safetensors"} | {
+        f"experts/L0_E{e}.safetensors" for e in range(4)}
+    shards = gather_tensors(model, opt)
+    assert set(shards["router.safetensors"]) == {
+        "moe0.gate.w_ED", "moe0.gate.w_ED::exp_avg", "moe0.gate.w_ED::exp_avg_sq",
+        "moe0.gate.w_ED::step"}
+
+
+def test_round_trip_restores_parameters_and_optimizer_state(synth_dir, tmp_path):
+    cfg, model, opt = _model_and_opt(synth_dir, tmp_path)
+    path = write_checkpoint(tmp_path / "ck", 1, gather_tensors(model, opt), train_state={},
+                            text_files={"config.yaml": "x: 1\n"})
+    fresh = build_model(cfg, 64)
+    fresh_opt = build_optimizer(fresh.named_parameters(), cfg.train)
+    restore_model(fresh, read_shards(path), fresh_opt)
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[a][k], fresh_opt.state[b][k]), (n, k)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(synth_dir, tmp_path, caplog):
+    cfg, model, opt = _model_and_opt(synth_dir, tmp_path)
+    root = tmp_path / "ck"
+    write_checkpoint(root, 1, gather_tensors(model, opt), train_state={}, text_files={})
+    newest = write_checkpoint(root, 2, gather_tensors(model, opt), train_state={},
+                              text_files={})
+    assert latest_checkpoint(root) == newest
+    (newest / "dense.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="dense.safetensors"):
+        verify(newest)
+    with caplog.at_level(logging.WARNING, logger="expertpar"):
+        assert latest_checkpoint(root).name == "step_000001"
+    assert "dense.safetensors" in caplog.text
+    # A write that died before the rename leaves only a temporary directory: ignored.
+    (root / ".tmp-step_000003-999").mkdir()
+    assert latest_checkpoint(root).name == "step_000001"
+
+
+def test_keep_prunes_old_checkpoints_but_never_the_latest(synth_dir, tmp_path):
+    cfg, model, opt = _model_and_opt(synth_dir, tmp_path)
+    root = tmp_path / "ck"
+    for step in (1, 2, 3):
+        write_checkpoint(root, step, gather_tensors(model, opt), train_state={},
+                         text_files={}, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000003"]
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_no_resume_sets_the_earlier_run_aside(synth_dir, tmp_path):
+    cfg = tiny_config(synth_dir, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2})
+    train(cfg, echo=lambda s: None)
+    again = tiny_config(synth_dir, tmp_path, **{"train.steps": 2, "train.checkpoint_every": 2})
+    result = train(again, resume=False, echo=lambda s: None)
+    assert result.steps_done == 2 and len(result.losses) == 2
+    aside = list(cfg.run_dir.glob("replaced-*"))
+    assert len(aside) == 1
+    assert (aside[0] / "checkpoints" / "step_000004" / "manifest.json").exists()
+    assert latest_checkpoint(cfg.run_dir / "checkpoints").name == "step_000002"
+    steps = [json.loads(l).get("step") for l in
+             (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2
