@@ -122,7 +122,7 @@ class MoEConfig:
 class ModelConfig:
     variant: Literal["moe", "dense"] = "moe"  # dense: same active parameters per token
     towers: Literal["shared", "separate"] = "shared"  # LIMoE one tower, or CLIP two towers
-    stem: Literal["patch", "cnn"] = "patch"  # patch: ViT conv patch embedding; cnn: torchvision ResNet-18 stem
+    stem: Literal["patch", "conv", "cnn"] = "patch"  # patch: ViT patch embedding; conv: 3x3 convs; cnn: ResNet-18 stem
     patch_size: int = 4  # patch side for the patch stem
     dim: int = 64  # D, the transformer width
     depth: int = 4  # transformer blocks per tower
@@ -250,7 +250,10 @@ class Config:
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
-        if self.model.stem == "patch" and self.data.image_size % self.model.patch_size:
+        p = self.model.patch_size
+        if self.model.stem == "conv" and p & (p - 1):
+            bad.append(("model.patch_size", "must be a power of two for model.stem 'conv'"))
+        if self.model.stem in ("patch", "conv") and self.data.image_size % self.model.patch_size:
             bad.append(("model.patch_size",
                         f"must divide data.image_size ({self.data.image_size})"))
         W = self.distributed.num_workers

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 
@@ -16,6 +17,29 @@ class PatchStem(nn.Module):
 
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         return self.proj(images_BCHW).flatten(2).transpose(1, 2)  # B,D,h,w -> B,N,D
+
+
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al., 2021): stride-2 3x3 convs down to one position per
+    patch, then two residual 3x3 convs there. It sees local shape far better than one linear
+    map per patch, for little compute; the patch side must be a power of two."""
+
+    def __init__(self, image_size: int, patch_size: int, dim: int, width: int = 64):
+        super().__init__()
+        down, channels, stride = [], 3, 1
+        while stride < patch_size:
+            down += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GELU()]
+            channels, stride = width, stride * 2
+        self.down = nn.Sequential(*down)
+        self.res = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(2))
+        self.proj = nn.Conv2d(channels, dim, 1)
+        self.num_tokens = (image_size // patch_size) ** 2
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        h = self.down(images_BCHW)
+        for conv in self.res:
+            h = h + F.gelu(conv(h))
+        return self.proj(h).flatten(2).transpose(1, 2)  # B,D,h,w -> B,N,D
 
 
 class CNNStem(nn.Module):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..moe import IMAGE, TEXT, LocalBackend, MoEBackend, RouteContext, RoutingStats
-from .stems import CNNStem, PatchStem, TextEmbedding
+from .stems import CNNStem, ConvStem, PatchStem, TextEmbedding
 from .tower import Block, DenseFFN, Seq
 
 
@@ -38,8 +38,10 @@ class VisionLanguageModel(nn.Module):
         self.cfg = cfg
         backend = backend or LocalBackend()
         D = cfg.dim
-        self.image_stem = (PatchStem(image_size, cfg.patch_size, D) if cfg.stem == "patch"
-                           else CNNStem(image_size, D))
+        stems = {"patch": lambda: PatchStem(image_size, cfg.patch_size, D),
+                 "conv": lambda: ConvStem(image_size, cfg.patch_size, D),
+                 "cnn": lambda: CNNStem(image_size, D)}
+        self.image_stem = stems[cfg.stem]()
         self.image_pos = nn.Parameter(torch.randn(1, self.image_stem.num_tokens, D) * 0.02)
         self.text_embed = TextEmbedding(vocab_size, context_length, D)
         self.modality_embed = nn.Parameter(torch.randn(2, D) * 0.02)

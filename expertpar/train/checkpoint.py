@@ -89,6 +89,10 @@ def gather_tensors(model: torch.nn.Module,
         shard[slot.key] = p.detach().cpu().contiguous()
         for k, v in optimizer.state.get(p, {}).items():
             shard[f"{slot.key}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    # Buffers (BatchNorm running statistics of the CNN stem) are model state too.
+    dense = shards.setdefault("dense.safetensors", {})
+    for name, b in model.named_buffers():
+        dense[f"buffer::{name}"] = b.detach().cpu().contiguous()
     return shards
 
 
@@ -208,6 +212,14 @@ def restore_model(model: torch.nn.Module, shards: dict[str, dict[str, torch.Tens
             p.copy_(value)
         if optimizer is not None and f"{slot.key}::exp_avg" in tensors:
             optimizer.state[p] = adam_state(tensors, slot.key, p.device)
+    dense = shards.get("dense.safetensors", {})
+    for name, b in model.named_buffers():
+        key = f"buffer::{name}"
+        if key not in dense:
+            raise CheckpointError(f"checkpoint {where} has no buffer '{name}' in "
+                                  f"dense.safetensors: was it written by another model config?")
+        with torch.no_grad():
+            b.copy_(dense[key])
 
 
 def adam_state(tensors: dict[str, torch.Tensor], key: str, device) -> dict[str, torch.Tensor]:

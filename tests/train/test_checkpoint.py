@@ -92,3 +92,18 @@ def test_no_resume_sets_the_earlier_run_aside(synth_dir, tmp_path):
     steps = [json.loads(l).get("step") for l in
              (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2
+
+
+def test_batchnorm_statistics_of_the_cnn_stem_are_saved(synth_dir, tmp_path):
+    cfg = tiny_config(synth_dir, tmp_path, **{"model.stem": "cnn"})
+    model = build_model(cfg, 64)
+    opt = build_optimizer(model.named_parameters(), cfg.train)
+    model.train()
+    model.encode(torch.randn(4, 3, 32, 32) * 3 + 1)  # moves the running statistics
+    path = write_checkpoint(tmp_path / "ck", 1, gather_tensors(model, opt), train_state={},
+                            text_files={})
+    fresh = build_model(cfg, 64)
+    restore_model(fresh, read_shards(path))
+    for (n, a), (_, b) in zip(model.named_buffers(), fresh.named_buffers()):
+        assert torch.equal(a, b), n
+    assert any("running_mean" in n for n, _ in model.named_buffers())
