@@ -14,8 +14,8 @@ import torch
 from ..config import MoEConfig, TrainConfig
 from ..moe.experts import ExpertFFN, init_expert_
 from ..moe.layer import expert_seed
-from ..train.checkpoint import adam_state
-from ..train.optim import build_optimizer, set_lr
+from ..train.checkpoint import Slot, export_shards, import_shards
+from ..train.optim import build_optimizer, clipped_step
 from .tensors import from_wire, to_wire
 
 Shard = tuple[int, int]
@@ -36,10 +36,9 @@ class ExpertActor:
             ffn = ExpertFFN(dim, moe.expert_hidden)
             init_expert_(ffn, expert_seed(seed, layer, expert))
             self.experts[(layer, expert)] = ffn.to(self.device)
-        self.named = [(f"{shard_file(*s)}:{n}", p) for s, ffn in self.experts.items()
-                      for n, p in ffn.named_parameters()]
-        self.optimizer = build_optimizer(
-            [(n.split(":", 1)[1], p) for n, p in self.named], train)
+        self.entries = [(Slot(shard_file(*s), n), p) for s, ffn in self.experts.items()
+                        for n, p in ffn.named_parameters()]
+        self.optimizer = build_optimizer([(slot.key, p) for slot, p in self.entries], train)
         self.cache: dict[tuple[str, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         if state:
             self.load_state(state)
@@ -74,16 +73,11 @@ class ExpertActor:
         return out
 
     def grad_norms(self) -> list[tuple[str, float]]:
-        return [(n, float(torch.linalg.vector_norm(p.grad))) for n, p in self.named
-                if p.grad is not None]
+        return [(f"{slot.file}:{slot.key}", float(torch.linalg.vector_norm(p.grad)))
+                for slot, p in self.entries if p.grad is not None]
 
     def step(self, lr: float, clip_coef: float) -> None:
-        for _, p in self.named:
-            if p.grad is not None:
-                p.grad.mul_(clip_coef)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        clipped_step(self.optimizer, lr, clip_coef)
         self.cache.clear()  # activations of an abandoned call never outlive a step
 
     def zero_grad(self) -> None:
@@ -92,26 +86,12 @@ class ExpertActor:
 
     def grads(self) -> dict[str, np.ndarray]:
         """Gradients by checkpoint name (file:key), for parity tests."""
-        return {n: to_wire(p.grad) for n, p in self.named if p.grad is not None}
+        return {f"{slot.file}:{slot.key}": to_wire(p.grad) for slot, p in self.entries
+                if p.grad is not None}
 
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Checkpoint shards of this actor's experts, with their AdamW state."""
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for name, p in self.named:
-            file, key = name.split(":", 1)
-            shard = out.setdefault(file, {})
-            shard[key] = p.detach().cpu().clone()
-            for k, v in self.optimizer.state.get(p, {}).items():
-                shard[f"{key}::{k}"] = torch.as_tensor(v).detach().cpu().clone()
-        return out
+        return export_shards(self.entries, self.optimizer)
 
     def load_state(self, shards: dict[str, dict[str, torch.Tensor]]) -> None:
-        for name, p in self.named:
-            file, key = name.split(":", 1)
-            tensors = shards.get(file)
-            if tensors is None or key not in tensors:
-                raise KeyError(f"checkpoint has no '{key}' in {file}")
-            with torch.no_grad():
-                p.copy_(tensors[key].to(p.device))
-            if f"{key}::exp_avg" in tensors:
-                self.optimizer.state[p] = adam_state(tensors, key, p.device)
+        import_shards(self.entries, shards, self.optimizer, where="expert actor")

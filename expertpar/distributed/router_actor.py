@@ -19,8 +19,8 @@ import torch
 
 from ..config import MoEConfig, TrainConfig
 from ..moe.layer import MoELayer, RouteContext
-from ..train.checkpoint import adam_state
-from ..train.optim import build_optimizer, set_lr
+from ..train.checkpoint import Slot, export_shards, import_shards
+from ..train.optim import build_optimizer, clipped_step
 from .remote_experts import RemoteExperts
 from .tensors import from_wire, to_wire
 
@@ -47,9 +47,9 @@ class RouterActor:
                                 experts=RemoteExperts(L, actors, owner, self._count))
                        for L in range(num_layers)]
         self.actors = actors
-        self.named = [(f"moe{L}.{n}", p) for L, layer in enumerate(self.layers)
-                      for n, p in layer.named_parameters()]
-        self.optimizer = build_optimizer([(n, p) for n, p in self.named], train)
+        self.entries = [(Slot("router.safetensors", f"moe{L}.{n}"), p)
+                        for L, layer in enumerate(self.layers) for n, p in layer.named_parameters()]
+        self.optimizer = build_optimizer([(slot.key, p) for slot, p in self.entries], train)
         self.lock = threading.Lock()
         self.gathers: dict[tuple, _Gather] = {}
         self.saved: dict[tuple[str, int], tuple] = {}  # forward graph kept for backward
@@ -155,8 +155,8 @@ class RouterActor:
             if self.norms is not None and self.norms[0] == step:
                 return self.norms[1]
             self.calls["router->expert/grad_norms"] += len(self.actors)
-            own = [(n, float(torch.linalg.vector_norm(p.grad))) for n, p in self.named
-                   if p.grad is not None]
+            own = [(slot.key, float(torch.linalg.vector_norm(p.grad)))
+                   for slot, p in self.entries if p.grad is not None]
             remote = [x for part in ray.get([a.grad_norms.remote() for a in self.actors])
                       for x in part]
             self.norms = (step, own + remote)
@@ -166,12 +166,7 @@ class RouterActor:
         self._count("worker->router/step")
         self._count("router->expert/step", len(self.actors))
         refs = [a.step.remote(lr, clip_coef) for a in self.actors]
-        for _, p in self.named:
-            if p.grad is not None:
-                p.grad.mul_(clip_coef)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        clipped_step(self.optimizer, lr, clip_coef)
         self.saved.clear()
         ray.get(refs)
 
@@ -185,7 +180,7 @@ class RouterActor:
     # ----------------------------------------------------------------- state
 
     def grads(self) -> dict[str, np.ndarray]:
-        own = {f"router.safetensors:{n}": to_wire(p.grad) for n, p in self.named
+        own = {f"{slot.file}:{slot.key}": to_wire(p.grad) for slot, p in self.entries
                if p.grad is not None}
         for part in ray.get([a.grads.remote() for a in self.actors]):
             own.update(part)
@@ -193,21 +188,11 @@ class RouterActor:
 
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The whole MoE side of a checkpoint: router.safetensors and every expert shard."""
-        router: dict[str, torch.Tensor] = {}
-        for name, p in self.named:
-            router[name] = p.detach().clone()
-            for k, v in self.optimizer.state.get(p, {}).items():
-                router[f"{name}::{k}"] = torch.as_tensor(v).detach().clone()
-        out = {"router.safetensors": router}
+        out = export_shards(self.entries, self.optimizer)
         for part in ray.get([a.state.remote() for a in self.actors]):
             out.update(part)
         return out
 
     def load_state(self, router: dict[str, torch.Tensor]) -> None:
-        for name, p in self.named:
-            if name not in router:
-                raise KeyError(f"checkpoint has no '{name}' in router.safetensors")
-            with torch.no_grad():
-                p.copy_(router[name])
-            if f"{name}::exp_avg" in router:
-                self.optimizer.state[p] = adam_state(router, name, p.device)
+        import_shards(self.entries, {"router.safetensors": router}, self.optimizer,
+                      where="router.safetensors")

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from ..moe import RouteContext
 from ..train.loss import MAX_LOGIT_SCALE, clip_loss
+from ..train.optim import clipped_step
 
 
 def _world() -> tuple[int, int]:
@@ -67,9 +68,7 @@ def distributed_train_step(model, optimizer, router, images, ids, mask, ctx: Rou
     total = torch.linalg.vector_norm(torch.stack(norms))
     coef = (torch.clamp(grad_clip / (total + 1e-6), max=1.0) if grad_clip > 0
             else torch.tensor(1.0))
-    for p in dense:
-        p.grad.mul_(coef)
-    optimizer.step()
+    clipped_step(optimizer, lr, float(coef))
     if rank == 0:
         ray.get(router.step.remote(lr, float(coef)))
     if world > 1:

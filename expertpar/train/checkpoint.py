@@ -25,7 +25,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -78,17 +78,50 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+Entry = tuple[Slot, torch.nn.Parameter]
+
+
+def export_shards(entries: Iterable[Entry], optimizer: torch.optim.Optimizer | None
+                  ) -> dict[str, dict[str, torch.Tensor]]:
+    """{shard file: {key: tensor}} for these parameters and their optimizer state; every
+    parameter owner (this process, the router, an expert actor) writes its part this way."""
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for slot, p in entries:
+        shard = shards.setdefault(slot.file, {})
+        shard[slot.key] = p.detach().cpu().contiguous()
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        for k, v in state.items():
+            shard[f"{slot.key}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    return shards
+
+
+def import_shards(entries: Iterable[Entry], shards: dict[str, dict[str, torch.Tensor]],
+                  optimizer: torch.optim.Optimizer | None, *, where: str = "") -> None:
+    """The inverse of ``export_shards``: parameters (and AdamW state, when saved) back."""
+    for slot, p in entries:
+        tensors = shards.get(slot.file)
+        if tensors is None or slot.key not in tensors:
+            raise CheckpointError(f"checkpoint {where} has no '{slot.key}' in {slot.file}: "
+                                  f"was it written by another model config?")
+        value = tensors[slot.key]
+        if value.shape != p.shape:
+            raise CheckpointError(f"checkpoint {where}: {slot.file}:{slot.key} has shape "
+                                  f"{tuple(value.shape)}, the model expects {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(value)
+        if optimizer is not None and f"{slot.key}::exp_avg" in tensors:
+            optimizer.state[p] = adam_state(tensors, slot.key, p.device)
+
+
+def model_entries(model: torch.nn.Module) -> list[Entry]:
+    params = dict(model.named_parameters())
+    return [(slot, params[name]) for name, slot in param_slots(model).items()]
+
+
 def gather_tensors(model: torch.nn.Module,
                    optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
     """{shard file: {key: tensor}} for every parameter and its optimizer state."""
-    shards: dict[str, dict[str, torch.Tensor]] = {}
-    params = dict(model.named_parameters())
-    for name, slot in param_slots(model).items():
-        p = params[name]
-        shard = shards.setdefault(slot.file, {})
-        shard[slot.key] = p.detach().cpu().contiguous()
-        for k, v in optimizer.state.get(p, {}).items():
-            shard[f"{slot.key}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    shards = export_shards(model_entries(model), optimizer)
     # Buffers (BatchNorm running statistics of the CNN stem) are model state too.
     dense = shards.setdefault("dense.safetensors", {})
     for name, b in model.named_buffers():
@@ -197,21 +230,7 @@ def read_shards(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def restore_model(model: torch.nn.Module, shards: dict[str, dict[str, torch.Tensor]],
                   optimizer: torch.optim.Optimizer | None = None, *, where: str = "") -> None:
-    params = dict(model.named_parameters())
-    for name, slot in param_slots(model).items():
-        tensors = shards.get(slot.file)
-        if tensors is None or slot.key not in tensors:
-            raise CheckpointError(f"checkpoint {where} has no '{slot.key}' in {slot.file} "
-                                  f"(parameter {name}): was it written by another model config?")
-        value = tensors[slot.key]
-        p = params[name]
-        if value.shape != p.shape:
-            raise CheckpointError(f"checkpoint {where}: {slot.file}:{slot.key} has shape "
-                                  f"{tuple(value.shape)}, the model expects {tuple(p.shape)}")
-        with torch.no_grad():
-            p.copy_(value)
-        if optimizer is not None and f"{slot.key}::exp_avg" in tensors:
-            optimizer.state[p] = adam_state(tensors, slot.key, p.device)
+    import_shards(model_entries(model), shards, optimizer, where=where)
     dense = shards.get("dense.safetensors", {})
     for name, b in model.named_buffers():
         key = f"buffer::{name}"

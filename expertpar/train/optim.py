@@ -45,3 +45,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, lr: float, clip_coef: float) -> None:
+    """Scale every gradient by the global clip coefficient, then step at ``lr`` and clear."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.mul_(clip_coef)
+    set_lr(optimizer, lr)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
