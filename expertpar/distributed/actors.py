@@ -39,8 +39,10 @@ def ray_init(cfg: Config) -> bool:
         need = (cfg.distributed.num_workers * (cfg.distributed.cpus_per_worker + 1)
                 + cfg.experts.num_actors * cfg.experts.cpus_per_actor + 2)
         num_cpus = cfg.distributed.embedded_num_cpus or max(os.cpu_count() or 1, int(need + 0.5))
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=True)
+        # The dashboard serves the state API that Ray Train's clean-up polls; it listens on
+        # 127.0.0.1 only.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
     return True
 
 

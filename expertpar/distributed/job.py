@@ -7,6 +7,7 @@ TorchTrainer whose workers run ``train_worker`` -> stop every actor, even on fai
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -185,4 +186,7 @@ def train_worker(config: dict) -> None:
 
 
 def echo_line(line: str) -> None:
-    print(line, flush=True)
+    # Ray Train tees a worker's sys.stdout into its own log, which reaches the driver too;
+    # the process's real stdout reaches it once.
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
