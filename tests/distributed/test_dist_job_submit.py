@@ -37,6 +37,9 @@ def head_node():
     gcs, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    # A fresh machine has no token yet: make one (kept if it exists), as a user would.
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True)
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6",
