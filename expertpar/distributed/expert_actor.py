@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..config import MoEConfig, TrainConfig
-from ..moe.experts import ExpertFFN, init_expert_
+from ..moe.experts import FFN, init_expert_
 from ..moe.layer import expert_seed
 from ..train.checkpoint import Slot, export_shards, import_shards
 from ..train.optim import build_optimizer, clipped_step
@@ -31,9 +31,9 @@ class ExpertActor:
                  seed: int, state: dict[str, dict[str, torch.Tensor]] | None = None):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.experts: dict[Shard, ExpertFFN] = {}
+        self.experts: dict[Shard, FFN] = {}
         for layer, expert in shards:
-            ffn = ExpertFFN(dim, moe.expert_hidden)
+            ffn = FFN(dim, moe.expert_hidden)
             init_expert_(ffn, expert_seed(seed, layer, expert))
             self.experts[(layer, expert)] = ffn.to(self.device)
         self.entries = [(Slot(shard_file(*s), n), p) for s, ffn in self.experts.items()

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..moe import MoEOutput, RouteContext
+from ..moe.experts import FFN
 
 
 @dataclass
@@ -38,16 +39,6 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each B,H,N,Dh
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BN[:, None, None, :])
         return self.out(y.transpose(1, 2).reshape(B, N, D))
-
-
-class DenseFFN(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x_TD)))
 
 
 class Block(nn.Module):

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..moe import IMAGE, TEXT, LocalBackend, MoEBackend, RouteContext, RoutingStats
 from .stems import CNNStem, ConvStem, PatchStem, TextEmbedding
-from .tower import Block, DenseFFN, Seq
+from ..moe.experts import FFN
+from .tower import Block, Seq
 
 
 @dataclass
@@ -72,7 +73,7 @@ class VisionLanguageModel(nn.Module):
                 hidden = (cfg.moe.top_k * cfg.moe.expert_hidden
                           if cfg.variant == "dense" and (i + 1) % cfg.moe.every == 0
                           else cfg.ffn_hidden)
-                blocks.append(Block(cfg.dim, cfg.heads, DenseFFN(cfg.dim, hidden), is_moe=False))
+                blocks.append(Block(cfg.dim, cfg.heads, FFN(cfg.dim, hidden), is_moe=False))
         return nn.ModuleList(blocks)
 
     def moe_layers(self) -> list[tuple[str, nn.Module]]:

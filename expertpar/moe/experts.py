@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class ExpertFFN(nn.Module):
-    """One expert: D -> F -> D with GELU, the same shape as the dense FFN it replaces."""
+class FFN(nn.Module):
+    """D -> F -> D with GELU: a dense block's FFN, and each expert (same shape, so a MoE layer
+    can replace a dense one at equal active parameters)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -24,7 +25,7 @@ class ExpertFFN(nn.Module):
         return self.fc2(F.gelu(self.fc1(x_ND)))
 
 
-def init_expert_(expert: ExpertFFN, seed: int) -> None:
+def init_expert_(expert: FFN, seed: int) -> None:
     """Initialise from a seed of its own so an expert's weights do not depend on placement."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -45,7 +46,7 @@ class LocalExperts(ExpertBackend):
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
-        self.experts = nn.ModuleList(ExpertFFN(dim, hidden) for _ in range(num_experts))
+        self.experts = nn.ModuleList(FFN(dim, hidden) for _ in range(num_experts))
 
     def forward(self, x_AD: torch.Tensor, counts_E: tuple[int, ...]) -> torch.Tensor:
         pieces = torch.split(x_AD, list(counts_E))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from expertpar.config import MoEConfig
-from expertpar.model.tower import DenseFFN
+from expertpar.moe.experts import FFN as DenseFFN
 from expertpar.moe import IMAGE, TEXT, MoELayer, RouteContext
 from expertpar.moe.router import route
 from expertpar.moe.stats import RoutingStats
