@@ -57,7 +57,7 @@ def _train(args) -> int:
 
     overrides = list(args.overrides)
     if args.address:
-        overrides += [f"distributed.backend=ray", f"distributed.address={args.address}"]
+        overrides += ["distributed.backend=ray", f"distributed.address={args.address}"]
     if args.local:
         overrides.append("distributed.backend=local")
     cfg = load_config(args.config, overrides)

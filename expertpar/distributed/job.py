@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import ray
-import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 

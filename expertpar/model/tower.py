@@ -14,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..moe import MoEOutput, RouteContext
-from ..moe.experts import FFN
 
 
 @dataclass

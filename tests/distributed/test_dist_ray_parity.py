@@ -7,7 +7,6 @@ import ray
 import torch
 
 from conftest import tiny_config
-from expertpar.config import MoEConfig
 from expertpar.data import (ImageTextDataset, encode_captions, make_transform, train_tokenizer,
                             vocab_size)
 from expertpar.distributed.actors import start_moe_actors

@@ -12,7 +12,6 @@ from expertpar.config import MoEConfig
 from expertpar.moe.experts import FFN as DenseFFN
 from expertpar.moe import IMAGE, TEXT, MoELayer, RouteContext
 from expertpar.moe.router import route
-from expertpar.moe.stats import RoutingStats
 
 
 def dense_copy(layer: MoELayer, expert: int = 0) -> DenseFFN:
