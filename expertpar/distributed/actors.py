@@ -54,6 +54,18 @@ class MoEActors:
     pg: object
     infos: list[dict]  # per actor: node, shards, resources, device
 
+    def failure_summary(self, timeout_s: float = 10.0) -> str:
+        """Which MoE actors are gone (after a failed job), in words."""
+        dead = []
+        for name, handle, what in [("router", self.router, "the gates"),
+                                   *[(f"expert actor {a}", h, f"experts {self.hosts[a]}")
+                                     for a, h in enumerate(self.actors)]]:
+            try:
+                ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
+            except Exception:  # dead, or not answering: either way it is the culprit
+                dead.append(f"{name} (hosting {what}) died")
+        return "; ".join(dead) if dead else "a train worker failed (see its error above)"
+
     def shutdown(self) -> None:
         for handle in [self.router, *self.actors]:
             try:

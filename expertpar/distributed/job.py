@@ -83,7 +83,13 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
                                  checkpoint_config=CheckpointConfig(
                                      num_to_keep=cfg.train.keep_checkpoints)))
         t_fit = time.perf_counter()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as err:
+            last = latest_checkpoint(run_dir / "checkpoints")
+            raise RuntimeError(
+                f"training failed: {moe.failure_summary()}. The last good checkpoint is "
+                f"{last or 'none'}; run the same command again to resume from it.") from err
         echo(f"ray: training job finished in {time.perf_counter() - t_fit:.1f}s")
         final = result.metrics or {}
         return TrainResult(run_dir, end, final.get("loss/total", float("nan")),

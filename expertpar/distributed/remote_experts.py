@@ -35,7 +35,10 @@ class RemoteExperts(ExpertBackend):
         refs = {a: getattr(self.actors[a], method).remote(key, self.layer, xs, **kwargs)
                 for a, xs in per_actor.items()}
         self.count(f"router->expert/{method}", len(refs))
-        results = dict(zip(refs, ray.get(list(refs.values()))))  # concurrent, then gather
+        try:
+            results = dict(zip(refs, ray.get(list(refs.values()))))  # concurrent, then gather
+        except ray.exceptions.RayActorError as err:
+            raise self._which_actor_died(refs, method) from err
         out = []
         for expert, piece in enumerate(pieces):
             if piece.shape[0]:
@@ -43,6 +46,19 @@ class RemoteExperts(ExpertBackend):
             else:
                 out.append(piece.detach().new_zeros(piece.shape))
         return out
+
+
+    def _which_actor_died(self, refs: dict, method: str) -> RuntimeError:
+        for a, ref in refs.items():
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                hosted = sorted(e for (l, e), owner in self.owner.items()
+                                if owner == a and l == self.layer)
+                return RuntimeError(f"expert actor {a} (MoE layer {self.layer}, experts "
+                                    f"{hosted}) died during {method}: {type(err).__name__}; "
+                                    f"resume from the last checkpoint")
+        return RuntimeError(f"an expert actor died during {method} of MoE layer {self.layer}")
 
 
 class _RemoteExpertsFn(torch.autograd.Function):
