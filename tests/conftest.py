@@ -15,6 +15,15 @@ def synth_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for one test module (8 logical CPUs: workers, actors and Ray Data fit)."""
+    import ray
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
 def tiny_config(data_dir, run_dir, **overrides):
     """A model small enough for CPU tests; ``overrides`` are dotted keys -> values."""
     tree = {

@@ -17,13 +17,6 @@ from expertpar.train.checkpoint import latest_checkpoint, read_train_state, veri
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _logged_step(run_dir) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
