@@ -75,7 +75,8 @@ class TokenizerConfig:
 @dataclass(frozen=True)
 class MoEConfig:
     num_experts: int = 4  # E experts per MoE layer
-    top_k: int = 1  # experts chosen per token (1: Switch, 2: GShard)
+    routing: Literal["token_choice", "expert_choice"] = "token_choice"  # token_choice: each token picks top_k experts; expert_choice: each expert picks its top ceil(capacity_factor*T/E) tokens (Zhou et al. 2022)
+    top_k: int = 1  # experts chosen per token (1: Switch, 2: GShard); token_choice only
     every: int = 2  # every n-th FFN (counting from the n-th) is a sparse MoE layer
     expert_hidden: int = 128  # F of each expert FFN
     temperature: float = 1.0  # alpha in softmax(alpha * logits)
@@ -107,6 +108,9 @@ class MoEConfig:
             bad.append(("temperature", "must be > 0"))
         if self.noise_std < 0:
             bad.append(("noise_std", "must be >= 0"))
+        if self.routing == "expert_choice" and self.dropless:
+            bad.append(("dropless", "must be false with model.moe.routing 'expert_choice' "
+                                    "(each expert takes a fixed number of tokens)"))
         if not self.dropless:
             for key in ("capacity_factor", "eval_capacity_factor"):
                 if not getattr(self, key) > 0:
