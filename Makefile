@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_DATA := data/synth
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP) $(DEMO_DATA)/dataset.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10
+
+# The inner loop: everything but the end-to-end runs marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP) $(DEMO_DATA)/dataset.json
 	$(BIN)/expertpar bench jobs/quickstart.yaml --out bench-results

@@ -108,9 +108,13 @@ class MoEConfig:
             bad.append(("temperature", "must be > 0"))
         if self.noise_std < 0:
             bad.append(("noise_std", "must be >= 0"))
-        if self.routing == "expert_choice" and self.dropless:
-            bad.append(("dropless", "must be false with model.moe.routing 'expert_choice' "
-                                    "(each expert takes a fixed number of tokens)"))
+        if self.routing == "expert_choice":
+            # Token-choice knobs that expert choice would silently ignore are refused.
+            why = "with model.moe.routing 'expert_choice' (each expert takes its top-C tokens)"
+            for key, default in (("dropless", False), ("top_k", 1), ("drop_policy", "probability"),
+                                 ("batch_prioritized_images", False)):
+                if getattr(self, key) != default:
+                    bad.append((key, f"must be {default!r} {why}"))
         if not self.dropless:
             for key in ("capacity_factor", "eval_capacity_factor"):
                 if not getattr(self, key) > 0:
@@ -241,6 +245,19 @@ class ExpertsConfig:
         return bad
 
 
+def check_num_actors(num_actors: int, num_layers: int, num_experts: int) -> str | None:
+    """None when the actor count works, else why not (for the config error)."""
+    shards = num_layers * num_experts
+    if num_actors < 1:
+        return "must be >= 1"
+    if shards and num_actors > shards:
+        return (f"must be <= the number of expert shards ({num_layers} MoE layers x "
+                f"{num_experts} experts = {shards}); an actor with no expert would idle "
+                f"(expert replicas are not built yet)")
+    return None
+
+
+
 @dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -265,7 +282,6 @@ class Config:
             bad.append(("train.batch_size",
                         f"must be divisible by distributed.num_workers ({W})"))
         if self.distributed.backend == "ray" and self.model.variant == "moe":
-            from .distributed.placement import check_num_actors
             problem = check_num_actors(self.experts.num_actors, self.num_moe_layers,
                                        self.model.moe.num_experts)
             if problem:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from expertpar.config import (Config, ConfigError, MoEConfig, config_from_dict, config_to_dict,
-                              dump_config, load_config, parse_override)
+from expertpar.config import (Config, ConfigError, MoEConfig, RunConfig, config_from_dict,
+                              config_to_dict, dump_config, load_config, parse_override)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"data": {"train": "data/synth/train"}}  # the one required value
@@ -369,6 +370,101 @@ def test_quickstart_job_loads():
     assert cfg.model.moe.top_k == raw["model"]["moe"]["top_k"]
     assert cfg.train.lr == raw["train"]["lr"]
     assert cfg.data.image_size % cfg.model.patch_size == 0
+
+
+# ------------------------------------------------------------------ the shipped jobs
+
+JOBS = sorted((REPO / "jobs").glob("*.yaml"))
+README = " ".join((REPO / "README.md").read_text().split())  # line breaks -> single spaces
+# The command each job's header comment gives for making its data, e.g.
+#   expertpar data synth --out data/synth --n 6000 --n-test 1000
+DATA_CMD = re.compile(r"expertpar data (?P<kind>[\w-]+) --out (?P<out>\S+)(?P<args>[^\n]*)")
+# What the writers produce: <out>/train and <out>/test, images of this side.
+DATA_IMAGE_SIZE = {"synth": 32, "fashion-mnist": 28}
+
+
+def test_jobs_exist():
+    assert {p.name for p in JOBS} >= {"quickstart.yaml", "fashion_mnist.yaml", "gpu_cluster.yaml"}
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_every_job_loads(path):
+    text = path.read_text()
+    raw = yaml.safe_load(text)
+    cfg = load_config(path)
+
+    # It names its run, explicitly, after the job file (runs/<name> is where it writes).
+    assert raw["run"]["name"] == cfg.run.name
+    assert cfg.run.name != RunConfig().name
+    assert cfg.run.name.replace("-", "_") == path.stem
+    assert cfg.run_dir == Path(raw["run"]["out_dir"]) / cfg.run.name
+
+    # Its data keys are set, to the splits that the data command in its header writes.
+    assert isinstance(raw["data"]["train"], str) and raw["data"]["train"]
+    assert isinstance(raw["data"]["eval"], str) and raw["data"]["eval"]
+    made = DATA_CMD.search(text)
+    assert made, f"{path.name} does not say how to make its data"
+    out = made["out"].rstrip("/")
+    assert cfg.data.train.endswith(f"{out}/train"), (cfg.data.train, out)
+    assert cfg.data.eval.endswith(f"{out}/test"), (cfg.data.eval, out)
+    size = re.search(r"--image-size (\d+)", made["args"])
+    assert cfg.data.image_size == (int(size[1]) if size else DATA_IMAGE_SIZE[made["kind"]])
+
+    # Its backend and actor counts are valid.
+    assert cfg.distributed.backend in ("local", "ray")
+    assert cfg.model.variant == "moe" and cfg.num_moe_layers >= 1
+    if cfg.distributed.backend == "ray":
+        shards = cfg.num_moe_layers * cfg.model.moe.num_experts
+        assert 1 <= cfg.experts.num_actors <= shards
+        assert cfg.distributed.num_workers >= 1
+        assert cfg.train.batch_size % cfg.distributed.num_workers == 0
+        assert cfg.experts.cpus_per_actor > 0 or cfg.experts.gpus_per_actor > 0
+    assert cfg.train.warmup_steps < cfg.train.steps
+    assert cfg.train.log_every <= cfg.train.steps
+
+
+def test_job_run_names_are_distinct():
+    names = [load_config(p).run_dir for p in JOBS]
+    assert len(set(names)) == len(names), names
+
+
+def test_quickstart_job_is_what_the_readme_says():
+    cfg = load_config(REPO / "jobs" / "quickstart.yaml")
+    # "`make demo` writes 6,000 + 1,000 synthetic image-caption pairs to `data/synth`, trains the
+    # quickstart model (`jobs/quickstart.yaml`) through the Ray path (an embedded local Ray, 2
+    # expert actors, 1 router actor, 1 Ray Train worker fed by Ray Data)"
+    demo = re.search(r"`make demo` writes [\d,]+ \+ [\d,]+ synthetic image-caption pairs to "
+                     r"`(?P<data>[^`]+)`, trains the quickstart model \(`jobs/quickstart.yaml`\) "
+                     r"through the Ray path \(an embedded local Ray, (?P<actors>\d+) expert "
+                     r"actors, 1 router actor, (?P<workers>\d+) Ray Train worker", README)
+    assert demo, "README's `make demo` paragraph changed: update this test"
+    assert cfg.data.train == f"{demo['data']}/train"
+    assert cfg.data.eval == f"{demo['data']}/test"
+    assert cfg.distributed.backend == "ray"
+    assert cfg.distributed.address is None  # embedded: no address, no RAY_ADDRESS needed
+    assert cfg.experts.num_actors == int(demo["actors"])
+    assert cfg.distributed.num_workers == int(demo["workers"])
+    # "the Ray training job itself (600 steps, batch 64, 2 MoE layers x 4 experts, top-1, CNN
+    # stem, 2 expert actors, 1 router actor, 1 Ray Train worker)"
+    job = re.search(r"\((?P<steps>\d+) steps, batch (?P<batch>\d+), (?P<layers>\d+) MoE layers x "
+                    r"(?P<experts>\d+) experts, top-(?P<k>\d+), (?P<stem>\w+) stem, "
+                    r"(?P<actors>\d+) expert actors, 1 router actor, (?P<workers>\d+) Ray Train "
+                    r"worker\)", README)
+    assert job, "README's measured quickstart run changed: update this test"
+    assert cfg.train.steps == int(job["steps"]) == 600
+    assert cfg.train.batch_size == int(job["batch"]) == 64
+    assert cfg.num_moe_layers == int(job["layers"]) == 2
+    assert cfg.model.moe.num_experts == int(job["experts"]) == 4
+    assert cfg.model.moe.top_k == int(job["k"]) == 1
+    assert cfg.model.stem == job["stem"].lower() == "cnn"
+    assert cfg.experts.num_actors == int(job["actors"]) == 2
+    assert cfg.distributed.num_workers == int(job["workers"]) == 1
+    # `expertpar eval runs/quickstart` (README and Makefile) reads the run this job writes
+    assert "expertpar eval runs/quickstart" in README
+    assert cfg.run_dir == Path("runs") / "quickstart"
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^DEMO_DATA := data/synth$", makefile, re.M)
+    assert "expertpar train jobs/quickstart.yaml" in makefile
 
 
 # ------------------------------------------------------------------ round trip

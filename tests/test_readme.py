@@ -3,7 +3,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from expertpar.cli import _parser
+from expertpar.app.cli import _parser
 from expertpar.config import Config
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -5,7 +5,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from expertpar.data.fileio import atomic_write_text
+from . import storage
+from .fileio import atomic_write_text
 
 INFO_FILE = "dataset.json"
 _GLOB_CHARS = set("*?[")
@@ -42,8 +43,13 @@ def read_dataset_info(path_or_dir: str | Path) -> DatasetInfo:
         path = path / INFO_FILE
     if not path.is_file():
         raise FileNotFoundError(f"dataset info not found: {path}")
+    return parse_dataset_info(path.read_bytes(), path)
+
+
+def parse_dataset_info(data: bytes, path: str | Path) -> DatasetInfo:
+    """Validate the bytes of a dataset.json; errors name `path` (a local path or URI)."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -83,10 +89,30 @@ def locate_dataset_info(source: str | Path) -> Path | None:
 
 
 def find_dataset_info(source: str | Path) -> DatasetInfo | None:
-    """DatasetInfo for a data source (see `locate_dataset_info`), or None if there is none."""
+    """DatasetInfo for a data source (see `locate_dataset_info`), or None if there is none.
+
+    For s3:// and gs:// sources the same places are searched in the bucket.
+    """
+    if storage.scheme_of(source):
+        if storage.is_remote(source):
+            return _find_remote_info(str(source))
+        source = storage.normalize(source)  # file:// URI
     path = locate_dataset_info(source)
     return None if path is None else read_dataset_info(path)
 
 
+def _find_remote_info(source: str) -> DatasetInfo | None:
+    directory = storage.source_dir(source)
+    for _ in range(3):
+        candidate = storage.join(directory, INFO_FILE)
+        if storage.is_file(candidate):
+            return parse_dataset_info(storage.read_bytes(candidate), candidate)
+        up = storage.parent(directory)
+        if up == directory:
+            break  # the bucket root
+        directory = up
+    return None
+
+
 __all__ = ["INFO_FILE", "DatasetInfo", "find_dataset_info", "locate_dataset_info",
-           "read_dataset_info", "write_dataset_info"]
+           "parse_dataset_info", "read_dataset_info", "write_dataset_info"]

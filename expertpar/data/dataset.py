@@ -1,6 +1,7 @@
 """In-memory image-text dataset for the training loop, with deterministic batching."""
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,13 +11,13 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from expertpar.data.catalog import DatasetInfo, find_dataset_info
-from expertpar.data.errors import SKIP_REASONS, SampleError
-from expertpar.data.formats import iter_samples
-from expertpar.data.images import Transform, apply_transform, decode_image
-from expertpar.data.sample import RawSample
+from .catalog import DatasetInfo, find_dataset_info
+from .errors import SKIP_REASONS, SampleError
+from .formats import iter_samples
+from .images import Transform, apply_transform, decode_image
+from .sample import RawSample
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("expertpar")
 
 _SEED_MULT = 1_000_003
 _SEED_MOD = 2**63
@@ -48,26 +49,37 @@ class SkipStats:
         return metrics
 
 
+def checked_caption(key: str, caption: str | None, *, has_image: bool) -> str:
+    """The stripped caption, or SampleError for what is checked before decoding the image.
+
+    The order (image present, caption present, caption non-empty, then the image decodes)
+    decides which reason a sample with several faults is counted under.
+    """
+    if not has_image:
+        raise SampleError("missing_image", f"sample {key!r}: no image")
+    if caption is None:
+        raise SampleError("missing_caption", f"sample {key!r}: no caption")
+    caption = caption.strip()
+    if not caption:
+        raise SampleError("empty_caption", f"sample {key!r}: caption is empty")
+    return caption
+
+
 def validate_sample(raw: RawSample) -> tuple[Image.Image, str]:
     """Decoded RGB image and stripped caption, or SampleError naming why not."""
-    if raw.image is None:
-        raise SampleError("missing_image", f"sample {raw.key!r}: no image")
-    if raw.caption is None:
-        raise SampleError("missing_caption", f"sample {raw.key!r}: no caption")
-    caption = raw.caption.strip()
-    if not caption:
-        raise SampleError("empty_caption", f"sample {raw.key!r}: caption is empty")
-    return decode_image(raw.image, key=raw.key), caption
+    caption = checked_caption(raw.key, raw.caption, has_image=raw.image is not None)
+    return decode_image(raw.image, key=raw.key), caption  # type: ignore[arg-type]
 
 
-def _label(raw: RawSample) -> int:
-    value = raw.meta.get("label")
+def label_of(key: str, meta: dict) -> int:
+    """The integer `label` of a sample's metadata, -1 when absent or not an integer."""
+    value = meta.get("label")
     if value is None or isinstance(value, bool):
         return -1
     try:
         return int(value)
     except (TypeError, ValueError):
-        logger.warning("sample %r: label %r is not an integer; using -1", raw.key, value)
+        logger.warning("sample %r: label %r is not an integer; using -1", key, value)
         return -1
 
 
@@ -83,7 +95,7 @@ class StoredSample(NamedTuple):
 def to_stored(raw: RawSample) -> StoredSample:
     """The validated, in-memory form of a sample; raises SampleError naming why not."""
     _, caption = validate_sample(raw)
-    return StoredSample(raw.key, raw.image, caption, _label(raw))  # type: ignore[arg-type]
+    return StoredSample(raw.key, raw.image, caption, label_of(raw.key, raw.meta))  # type: ignore[arg-type]
 
 
 def sample_tensor(sample: StoredSample, index: int, transform: Transform, *,
@@ -159,12 +171,19 @@ class ImageTextDataset:
         return torch.stack(images), captions, torch.tensor(labels, dtype=torch.int64)
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    # Every step of an epoch slices the same permutation; computing it once per epoch (not
+    # per step) matters at millions of samples. Callers must not modify the tensor.
+    generator = torch.Generator().manual_seed(combine_seed(seed, epoch))
+    return torch.randperm(n, generator=generator)
+
+
 def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
     """A permutation of range(n) that depends only on (n, seed, epoch)."""
     if n < 0 or epoch < 0:
         raise ValueError(f"n and epoch must be >= 0, got n={n}, epoch={epoch}")
-    generator = torch.Generator().manual_seed(combine_seed(seed, epoch))
-    return torch.randperm(n, generator=generator).tolist()
+    return _epoch_permutation(n, seed, epoch).tolist()
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -184,9 +203,10 @@ def batch_indices(n: int, batch_size: int, *, seed: int, step: int) -> list[int]
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     epoch, within = divmod(step, steps_per_epoch(n, batch_size))
-    order = epoch_order(n, seed=seed, epoch=epoch)
-    return order[within * batch_size:(within + 1) * batch_size]
+    order = _epoch_permutation(n, seed, epoch)  # = epoch_order(n, seed=seed, epoch=epoch)
+    return order[within * batch_size:(within + 1) * batch_size].tolist()
 
 
-__all__ = ["ImageTextDataset", "SkipStats", "StoredSample", "batch_indices", "combine_seed",
-           "epoch_order", "steps_per_epoch", "validate_sample"]
+__all__ = ["ImageTextDataset", "SkipStats", "StoredSample", "batch_indices", "checked_caption",
+           "combine_seed", "epoch_order", "label_of", "sample_tensor", "steps_per_epoch",
+           "validate_sample"]

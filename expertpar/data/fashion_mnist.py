@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from expertpar.data.catalog import DatasetInfo, write_dataset_info
-from expertpar.data.sample import RawSample
-from expertpar.data.webdataset import write_webdataset
+from .catalog import DatasetInfo, write_dataset_info
+from .sample import RawSample
+from .webdataset import write_webdataset
 
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
 CLASSES: tuple[str, ...] = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from expertpar.data.errors import SampleError
+from .errors import SampleError
 
 # Our own pixel cap, below Pillow's default MAX_IMAGE_PIXELS (~89M), so a bomb is
 # rejected here with a clear error instead of Pillow first emitting a warning.

@@ -5,18 +5,31 @@ import csv
 import io
 import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
-from expertpar.data.fileio import atomic_write_text
-from expertpar.data.sample import RawSample
-from expertpar.data.webdataset import safe_key
+from . import storage
+from .fileio import atomic_write_text
+from .sample import RawSample
+from .webdataset import safe_key
 
 REQUIRED_COLUMNS = ("filepath", "caption")
 
 
-def manifest_delimiter(path: Path) -> str:
+class ManifestRow(NamedTuple):
+    """One manifest row before its image is read: `image_uri` is where the image should be."""
+
+    line: int
+    key: str  # the filepath cell as written
+    image_uri: str | None  # None when the cell is empty
+    image_ext: str | None
+    caption: str | None  # None when the row is too short to have one
+    meta: dict
+
+
+def manifest_delimiter(path: str | Path) -> str:
     """Comma for `.csv`, tab for `.tsv`; anything else is a ValueError naming the file."""
-    suffix = path.suffix.lower()
+    suffix = PurePosixPath(str(path)).suffix.lower()
     if suffix == ".csv":
         return ","
     if suffix == ".tsv":
@@ -24,51 +37,71 @@ def manifest_delimiter(path: Path) -> str:
     raise ValueError(f"manifest {path} must end in .csv or .tsv")
 
 
-def _parse_label(value: str, path: Path, line: int) -> int:
+def _parse_label(value: str, path: str | Path, line: int) -> int:
     try:
         return int(value)
     except ValueError:
         raise ValueError(f"{path}:{line}: label {value!r} is not an integer") from None
 
 
+def _image_uri(base: str, filepath: str, manifest: str | Path, line: int) -> str:
+    # Relative paths are relative to the manifest; a cell may also be a full URI.
+    if storage.scheme_of(filepath):
+        return storage.normalize(filepath)
+    if os.path.isabs(filepath):
+        if storage.is_remote(base):
+            raise ValueError(f"{manifest}:{line}: absolute image path {filepath!r} in a remote "
+                             f"manifest; use a path relative to the manifest or a full URI")
+        return filepath
+    return storage.join(base, filepath)
+
+
+def iter_manifest_rows(path: str | Path) -> Iterator[ManifestRow]:
+    """Parse a manifest (local path or URI) row by row, streaming; images are not read."""
+    delimiter = manifest_delimiter(path)
+    shown = path if storage.scheme_of(path) else Path(path)
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"manifest not found: {shown}")
+    base = storage.parent(path)
+    with storage.open_input(path) as stream:
+        text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+        try:
+            yield from _rows(csv.DictReader(text, delimiter=delimiter), base, shown)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"manifest {shown} is not valid UTF-8: {exc}") from exc
+
+
+def _rows(reader: csv.DictReader, base: str, path: str | Path) -> Iterator[ManifestRow]:
+    columns = reader.fieldnames or []
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"manifest {path} needs columns {list(REQUIRED_COLUMNS)}; "
+                         f"header has {list(columns)} (missing {missing})")
+    for row in reader:
+        line = reader.line_num
+        filepath = row.get("filepath") or ""
+        # DictReader gives None for cells absent from a short row: a missing caption.
+        caption = row.get("caption")
+        meta: dict = {}
+        for name, value in row.items():
+            if name in REQUIRED_COLUMNS or name is None or value is None:
+                continue  # name None = surplus cells of an over-long row
+            if name == "label":
+                if value.strip():
+                    meta["label"] = _parse_label(value.strip(), path, line)
+            else:
+                meta[name] = value
+        image_uri = _image_uri(base, filepath, path, line) if filepath else None
+        ext = (PurePosixPath(filepath).suffix.lower().lstrip(".") or None) if filepath else None
+        yield ManifestRow(line, filepath, image_uri, ext, caption, meta)
+
+
 def iter_manifest(path: str | Path) -> Iterator[RawSample]:
     """Yield one RawSample per row; a missing image file gives image=None (counted later)."""
-    path = Path(path)
-    delimiter = manifest_delimiter(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    base = path.parent
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        columns = reader.fieldnames or []
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise ValueError(f"manifest {path} needs columns {list(REQUIRED_COLUMNS)}; "
-                             f"header has {list(columns)} (missing {missing})")
-        for row in reader:
-            line = reader.line_num
-            filepath = row.get("filepath") or ""
-            # DictReader gives None for cells absent from a short row: a missing caption.
-            caption = row.get("caption")
-            meta: dict = {}
-            for name, value in row.items():
-                if name in REQUIRED_COLUMNS or name is None or value is None:
-                    continue  # name None = surplus cells of an over-long row
-                if name == "label":
-                    if value.strip():
-                        meta["label"] = _parse_label(value.strip(), path, line)
-                else:
-                    meta[name] = value
-            image: bytes | None = None
-            ext: str | None = None
-            if filepath:
-                image_path = Path(filepath)
-                if not image_path.is_absolute():
-                    image_path = base / image_path
-                ext = image_path.suffix.lower().lstrip(".") or None
-                if image_path.is_file():
-                    image = image_path.read_bytes()
-            yield RawSample(key=filepath, image=image, image_ext=ext, caption=caption, meta=meta)
+    for row in iter_manifest_rows(path):
+        image = storage.read_bytes_if_file(row.image_uri) if row.image_uri else None
+        yield RawSample(key=row.key, image=image, image_ext=row.image_ext, caption=row.caption,
+                        meta=row.meta)
 
 
 def write_manifest(samples: Iterable[RawSample], out_path: str | Path, *,

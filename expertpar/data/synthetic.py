@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from expertpar.data.catalog import DatasetInfo, write_dataset_info
-from expertpar.data.sample import RawSample
-from expertpar.data.webdataset import write_webdataset
+from .catalog import DatasetInfo, write_dataset_info
+from .sample import RawSample
+from .webdataset import write_webdataset
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40),

@@ -6,13 +6,14 @@ import json
 import logging
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from expertpar.data.fileio import atomic_open
-from expertpar.data.sample import IMAGE_EXTS, RawSample
+from . import storage
+from .fileio import atomic_open
+from .sample import IMAGE_EXTS, RawSample
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("expertpar")
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -26,40 +27,51 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
+TEXT_EXTS: tuple[str, ...] = ("json", "txt", "cls")  # the members a sample's caption/meta come from
+
+
+def member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(key, ext) of a sample member, or None for members that belong to no sample."""
+    if not member.isfile():
+        return None
+    key, ext = split_member_name(member.name)
+    if not key or key.endswith("/") or not ext:
+        return None  # hidden files like `._foo` or extension-less members
+    return key, ext
+
+
 def _group_members(tar: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
     # Group by key over the whole shard (not just adjacent runs) so shards written by
     # tools that interleave members still pair up; insertion order = first appearance.
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     for member in tar.getmembers():
-        if not member.isfile():
-            continue
-        key, ext = split_member_name(member.name)
-        if not key or key.endswith("/") or not ext:
-            continue  # hidden files like `._foo` or extension-less members
-        groups.setdefault(key, {}).setdefault(ext, member)
+        named = member_key(member)
+        if named is not None:
+            groups.setdefault(named[0], {}).setdefault(named[1], member)
     return groups
 
 
-def _read_text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
-    data = tar.extractfile(member).read()  # type: ignore[union-attr]  # member.isfile()
+def first_image_ext(exts: Iterable[str]) -> str | None:
+    """The sample's image member: the first image extension in member order."""
+    return next((ext for ext in exts if ext in IMAGE_EXTS), None)
+
+
+def _text(data: bytes) -> str:
     # A stray invalid byte should cost one character, not the sample.
     return data.decode("utf-8", errors="replace")
 
 
-def _sample_from_group(tar: tarfile.TarFile, shard: Path, key: str,
-                       members: dict[str, tarfile.TarInfo]) -> RawSample:
-    image: bytes | None = None
-    image_ext: str | None = None
-    for ext in members:
-        if ext in IMAGE_EXTS:
-            image = tar.extractfile(members[ext]).read()  # type: ignore[union-attr]
-            image_ext = ext
-            break
+def caption_and_meta(shard: str | Path, key: str, exts: Container[str],
+                     read: Callable[[str], bytes]) -> tuple[str | None, dict]:
+    """Caption and metadata of one sample from its json/txt/cls members (`read(ext)` -> bytes).
+
+    `.txt` wins over the json caption, a json `label` over `.cls`.
+    """
     caption: str | None = None
     meta: dict = {}
-    if "json" in members:
+    if "json" in exts:
         try:
-            obj = json.loads(_read_text(tar, members["json"]))
+            obj = json.loads(_text(read("json")))
         except json.JSONDecodeError as exc:
             obj = None
             logger.warning("%s: %s.json is not valid JSON (%s); ignoring it", shard, key, exc)
@@ -69,53 +81,86 @@ def _sample_from_group(tar: tarfile.TarFile, shard: Path, key: str,
             caption = cap if isinstance(cap, str) else None
         elif obj is not None:
             logger.warning("%s: %s.json is not a JSON object; ignoring it", shard, key)
-    if "txt" in members:
-        caption = _read_text(tar, members["txt"]).strip()
-    if "cls" in members and "label" not in meta:
+    if "txt" in exts:
+        caption = _text(read("txt")).strip()
+    if "cls" in exts and "label" not in meta:
         try:
-            meta["label"] = int(_read_text(tar, members["cls"]).strip())
+            meta["label"] = int(_text(read("cls")).strip())
         except ValueError:
             pass  # non-integer class files are not labels we can use
+    return caption, meta
+
+
+def _sample_from_group(tar: tarfile.TarFile, shard: str | Path, key: str,
+                       members: dict[str, tarfile.TarInfo]) -> RawSample:
+    def read(ext: str) -> bytes:
+        return tar.extractfile(members[ext]).read()  # type: ignore[union-attr]  # member.isfile()
+
+    image_ext = first_image_ext(members)
+    image = read(image_ext) if image_ext is not None else None
+    caption, meta = caption_and_meta(shard, key, members, read)
     return RawSample(key=key, image=image, image_ext=image_ext, caption=caption, meta=meta)
 
 
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+COMPRESSED_MAGIC: dict[bytes, str] = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz"}
 
 
-def _check_not_truncated(path: Path, tar: tarfile.TarFile) -> None:
-    # tarfile silently treats a cut inside/at a header (after the first member) as the
-    # end of the archive, so a partially copied shard would lose samples unnoticed.
-    # A complete uncompressed tar has end-of-archive zero block(s) after the last member.
-    with path.open("rb") as f:
-        if any(f.read(6).startswith(m) for m in _COMPRESSED_MAGIC):
-            return  # the decompressor reports truncation itself
-    if path.stat().st_size - tar.offset < tarfile.BLOCKSIZE:
-        raise ValueError(f"tar shard {path} is truncated: no end-of-archive marker after "
-                         f"{len(tar.getmembers())} members")
+def compression_of(head: bytes) -> str | None:
+    """'gzip'/'bzip2'/'xz' if a file starting with `head` is compressed, else None."""
+    return next((name for magic, name in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+
+
+def check_not_truncated(shard: str | Path, file_size: int, end_offset: int, members: int) -> None:
+    """ValueError if an uncompressed tar has no end-of-archive block after `end_offset`.
+
+    tarfile silently treats a cut inside/at a header (after the first member) as the end
+    of the archive, so a partially copied shard would lose samples unnoticed. A complete
+    tar has end-of-archive zero block(s) after the last member.
+    """
+    if file_size - end_offset < tarfile.BLOCKSIZE:
+        raise ValueError(f"tar shard {shard} is truncated: no end-of-archive marker after "
+                         f"{members} members")
+
+
+def _read_shard(path: Path, shown: str) -> Iterator[RawSample]:
+    try:
+        tar = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"cannot read tar shard {shown}: {exc}") from exc
+    with tar:
+        try:
+            groups = _group_members(tar)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"cannot read tar shard {shown}: {exc}") from exc
+        with path.open("rb") as f:
+            compressed = compression_of(f.read(6)) is not None
+        if not compressed:  # a decompressor reports truncation itself
+            check_not_truncated(shown, path.stat().st_size, tar.offset, len(tar.getmembers()))
+        for key, members in groups.items():
+            try:
+                sample = _sample_from_group(tar, shown, key, members)
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+                raise ValueError(f"cannot read member {key!r} of tar shard {shown}: {exc}") from exc
+            yield sample
 
 
 def iter_webdataset(paths: Sequence[str | Path]) -> Iterator[RawSample]:
-    """Yield the samples of each tar shard in order; ValueError names an unreadable shard."""
+    """Yield the samples of each tar shard (local path or URI) in order.
+
+    Reads compressed tars too (the sample index does not: it needs byte offsets).
+    ValueError names an unreadable shard.
+    """
     for path in paths:
-        path = Path(path)
+        if storage.is_remote(path):
+            if not storage.is_file(path):
+                raise FileNotFoundError(f"WebDataset shard not found: {path}")
+            with storage.local_copy(path) as local:
+                yield from _read_shard(local, str(path))
+            continue
+        path = Path(storage.normalize(path)) if storage.scheme_of(path) else Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"WebDataset shard not found: {path}")
-        try:
-            tar = tarfile.open(path, "r:*")
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-            raise ValueError(f"cannot read tar shard {path}: {exc}") from exc
-        with tar:
-            try:
-                groups = _group_members(tar)
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-                raise ValueError(f"cannot read tar shard {path}: {exc}") from exc
-            _check_not_truncated(path, tar)
-            for key, members in groups.items():
-                try:
-                    sample = _sample_from_group(tar, path, key, members)
-                except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-                    raise ValueError(f"cannot read member {key!r} of tar shard {path}: {exc}") from exc
-                yield sample
+        yield from _read_shard(path, str(path))
 
 
 def safe_key(key: str) -> str:
@@ -194,4 +239,5 @@ def _remove_stale_shards(out_dir: Path, prefix: str, count: int) -> None:
             path.unlink()
 
 
-__all__ = ["iter_webdataset", "write_webdataset", "safe_key", "split_member_name"]
+__all__ = ["TEXT_EXTS", "caption_and_meta", "check_not_truncated", "compression_of", "first_image_ext",
+           "iter_webdataset", "member_key", "safe_key", "split_member_name", "write_webdataset"]

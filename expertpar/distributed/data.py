@@ -1,38 +1,32 @@
-"""Ray Data ingestion: the same per-sample functions as the in-process path, run by Ray.
+"""Ray Data ingestion over the sample index: no sample data passes through the driver.
 
-1. ``load_split`` reads shards (or a manifest) in parallel Ray tasks, one per file, validating
-   every sample with ``to_stored`` (bad ones are counted, never fatal), in file order.
-2. ``worker_stream`` gives one train worker its slice of every global batch: a Ray Dataset of
-   (step, sample index) rows whose ``map_batches`` decodes, augments (seeded by step and index)
-   and tokenises with the functions the in-process loop uses, so both paths see identical
-   batches. Rows stay in order (``preserve_order``), one batch per step.
+1. ``build_index_on_ray`` builds (or finds cached) the source's ``SampleIndex``, scanning the
+   shards in parallel Ray tasks; tasks return index rows, captions and skip counts only.
+2. ``train_datasets`` makes one lazily generated Ray Dataset per Ray Train worker rank:
+   ``ray.data.range`` row ids -> (step, sample index) via ``worker_indices`` -> a
+   ``map_batches`` actor that opens the index by its location (a memory map), reads each image
+   by offset, and decodes, augments and tokenises through ``make_batch``, the function the
+   in-process path uses; so both paths give bit-identical batches, from any start step.
+3. In the worker, ``iter_worker_batches(ray.train.get_dataset_shard(dataset_name(rank)), ...)``
+   yields one ``Batch`` per step, in order, and refuses a batch that mixes steps.
+
+Hand the datasets to Ray Train unsplit: ``TorchTrainer(datasets=train_datasets(...),
+dataset_config=train_data_config())``; each worker reads only its own.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import ray
 import torch
 
-from ..data import (ImageTextDataset, SampleError, SkipStats, StoredSample, batch_indices,
-                    combine_seed, encode_captions, find_dataset_info, iter_samples, list_shards,
-                    make_transform)
-from ..data.dataset import sample_tensor, to_stored
+from ..data import (Batch, ImageTextDataset, SampleIndex, local_batch_size, make_batch,
+                    make_transform, steps_per_epoch, worker_indices)
+from ..data.scan import ScannedFile
 
-
-def _read_file(row: dict) -> list[dict]:
-    """Every sample of one file as a row; a bad sample becomes a row naming its reason."""
-    out = []
-    for raw in iter_samples(row["path"]):
-        try:
-            s = to_stored(raw)
-            out.append({"key": s.key, "reason": "", "image": s.image, "caption": s.caption,
-                        "label": s.label})
-        except SampleError as err:
-            out.append({"key": raw.key, "reason": err.reason, "image": b"", "caption": "",
-                        "label": -1})
-    return out
+_SCANS_PER_CPU = 2  # scan tasks kept in flight per cluster CPU: enough to hide stragglers
 
 
 def quiet_data_context() -> None:
@@ -43,74 +37,151 @@ def quiet_data_context() -> None:
     ctx.print_on_execution_start = False
 
 
-def load_split(source: str, *, max_samples: int | None = None) -> ImageTextDataset:
-    quiet_data_context()
-    files = list_shards(source)
-    # Absolute paths: the read tasks may run on other nodes, in another working directory.
-    ds = ray.data.from_items([{"path": str(p.resolve())} for p in files],
-                             override_num_blocks=max(1, len(files)))
-    rows = ds.flat_map(_read_file).take_all()
-    samples, skipped = [], SkipStats()
-    for r in rows:
-        if r["reason"]:
-            skipped.add(r["reason"])
-        elif max_samples is None or len(samples) < max_samples:
-            samples.append(StoredSample(r["key"], bytes(r["image"]), r["caption"], int(r["label"])))
-    return ImageTextDataset(samples, skipped, find_dataset_info(source))
+def _ray_map(func: Callable[[str], ScannedFile], uris: Iterable[str]) -> Iterator[ScannedFile]:
+    """map(func, uris) as Ray tasks, results in input order, a bounded number in flight."""
+    task = ray.remote(func)
+    window = max(1, _SCANS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
+    pending: deque = deque()
+    for uri in uris:
+        pending.append(task.remote(uri))
+        if len(pending) >= window:
+            yield ray.get(pending.popleft())
+    while pending:
+        yield ray.get(pending.popleft())
+
+
+def build_index_on_ray(source: str, *, max_samples: int | None = None) -> SampleIndex:
+    """The source's SampleIndex, its shards scanned in Ray tasks (which may run on any node:
+    shard URIs are absolute). Only index rows and captions reach the driver."""
+    return SampleIndex.build(source, max_samples=max_samples, map_fn=_ray_map)
+
+
+def dataset_name(rank: int) -> str:
+    """The Ray Train dataset name of worker `rank`'s stream."""
+    return f"train_rank{rank}"
 
 
 class _Prepare:
-    """map_batches callable: (step, index) rows -> images, token ids and masks."""
+    """map_batches callable: row ids of one worker's stream -> images, token ids and masks.
 
-    def __init__(self, samples_ref: list, image_size: int, hflip: bool, tokenizer_json: str,
-                 context_length: int, seed: int):
+    Row r is slot r % B_local of step start + r // B_local. Any run of rows works (Ray may cut
+    batches at block boundaries); each step's rows go through make_batch together.
+    """
+
+    def __init__(self, source, max_samples: int | None, n: int, start: int, rank: int,
+                 world: int, batch_size: int, seed: int, image_size: int, hflip: bool,
+                 tokenizer_json: str, context_length: int) -> None:
         from tokenizers import Tokenizer
-        self.samples = ray.get(samples_ref[0])
+        if isinstance(source, str):
+            self.data = SampleIndex.open(source, max_samples=max_samples)
+        else:  # [ObjectRef of StoredSample list]: the in-memory path job.py still uses
+            self.data = ImageTextDataset(ray.get(source[0]))
+        if len(self.data) != n:
+            raise ValueError(f"{source}: {len(self.data)} samples in this worker, {n} in the "
+                             f"driver; the index changed under the run")
+        self.n, self.start, self.rank, self.world = n, start, rank, world
+        self.batch_size, self.seed = batch_size, seed
+        self.local = local_batch_size(batch_size, world)
         self.transform = make_transform(image_size, train=True, hflip=hflip)
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.context_length = context_length
-        self.seed = seed
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, captions = [], []
-        for step, index in zip(batch["step"].tolist(), batch["index"].tolist()):
-            sample = self.samples[index]
-            images.append(sample_tensor(sample, index, self.transform,
-                                        seed=combine_seed(self.seed, step)))
-            captions.append(sample.caption)
-        ids, mask = encode_captions(self.tokenizer, captions, self.context_length)
-        return {"step": batch["step"], "images": torch.stack(images).numpy(),
-                "ids": ids.numpy(), "mask": mask.numpy()}
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = rows["id"].astype(np.int64)
+        steps = self.start + ids // self.local
+        slots = ids % self.local
+        cuts = np.flatnonzero(np.diff(steps)) + 1
+        parts = []
+        for step_run, slot_run in zip(np.split(steps, cuts), np.split(slots, cuts)):
+            step = int(step_run[0])
+            mine = worker_indices(self.n, self.batch_size, seed=self.seed, step=step,
+                                  rank=self.rank, world=self.world)
+            parts.append(make_batch(self.data, [mine[j] for j in slot_run.tolist()], step=step,
+                                    seed=self.seed, transform=self.transform,
+                                    tokenizer=self.tokenizer, context_length=self.context_length))
+        return {"step": steps,
+                "images": torch.cat([p.images_BCHW for p in parts]).numpy(),
+                "ids": torch.cat([p.ids_BL for p in parts]).numpy(),
+                "mask": torch.cat([p.mask_BL for p in parts]).numpy()}
 
 
-def worker_rows(n: int, batch_size: int, *, seed: int, start: int, end: int, rank: int,
-                world: int) -> list[dict]:
-    """This worker's contiguous slice of each global batch from step ``start`` to ``end``."""
-    local = batch_size // world
-    rows = []
-    for step in range(start, end):
-        idx = batch_indices(n, batch_size, seed=seed, step=step)
-        rows += [{"step": step, "index": i} for i in idx[rank * local:(rank + 1) * local]]
-    return rows
+def _rank_dataset(source, n: int, cfg, tokenizer_json: str, *, start: int, end: int, rank: int,
+                  world: int, max_samples: int | None) -> ray.data.Dataset:
+    local = local_batch_size(cfg.train.batch_size, world)
+    ds = ray.data.range((end - start) * local)  # row ids, generated lazily in blocks
+    return ds.map_batches(
+        _Prepare, batch_size=local, concurrency=1, num_cpus=0.5,
+        fn_constructor_kwargs={
+            "source": source, "max_samples": max_samples, "n": n, "start": start, "rank": rank,
+            "world": world, "batch_size": cfg.train.batch_size, "seed": cfg.run.seed,
+            "image_size": cfg.data.image_size, "hflip": cfg.data.hflip,
+            "tokenizer_json": tokenizer_json, "context_length": cfg.tokenizer.context_length})
+
+
+def train_datasets(index_location: str, cfg, tokenizer_json: str, *, start: int,
+                   end: int) -> dict[str, ray.data.Dataset]:
+    """One lazy dataset per Ray Train worker rank (`dataset_name(rank)`), steps [start, end).
+
+    `cfg.data.max_train_samples` truncates the index as `SampleIndex.build` did in the driver.
+    """
+    if not 0 <= start <= end:
+        raise ValueError(f"need 0 <= start <= end, got start={start}, end={end}")
+    quiet_data_context()
+    world = cfg.distributed.num_workers
+    max_samples = cfg.data.max_train_samples
+    n = len(SampleIndex.open(index_location, max_samples=max_samples))
+    steps_per_epoch(n, cfg.train.batch_size)  # fewer samples than a batch: fail here, not in a worker
+    return {dataset_name(rank): _rank_dataset(index_location, n, cfg, tokenizer_json, start=start,
+                                              end=end, rank=rank, world=world,
+                                              max_samples=max_samples)
+            for rank in range(world)}
+
+
+def train_data_config():
+    """Ray Train's DataConfig for `train_datasets`: nothing split, rows kept in order."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+    return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    # Arrays from Arrow can be read-only views; torch wants to own writable memory.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def iter_worker_batches(it, cfg, *, world: int) -> Iterator[Batch]:
+    """One Batch per step, in step order, from a ray.data DataIterator of `train_datasets`."""
+    local = local_batch_size(cfg.train.batch_size, world)
+    expected: int | None = None
+    for rows in it.iter_batches(batch_size=local, batch_format="numpy", prefetch_batches=2):
+        steps = rows["step"]
+        if len(steps) != local or (steps != steps[0]).any():
+            raise RuntimeError(f"a data batch of {len(steps)} rows has steps "
+                               f"{sorted(set(steps.tolist()))}; expected {local} rows of one step "
+                               f"(rows lost their order: is preserve_order set?)")
+        step = int(steps[0])
+        if expected is not None and step != expected:
+            raise RuntimeError(f"data batch for step {step} arrived where step {expected} was due")
+        expected = step + 1
+        yield Batch(step, _tensor(rows["images"]), _tensor(rows["ids"]),
+                    _tensor(rows["mask"]).bool())
+
+
+# ---- the in-memory path distributed/job.py still uses; remove once it calls train_datasets ----
+
+def load_split(source: str, *, max_samples: int | None = None) -> ImageTextDataset:
+    """The whole split in the driver's memory (image bytes included), indexed on Ray."""
+    index = build_index_on_ray(source, max_samples=max_samples)
+    return ImageTextDataset([index.sample(i) for i in range(len(index))], index.skipped, index.info)
 
 
 def worker_stream(samples_ref, n: int, cfg, tokenizer_json: str, *, start: int, end: int,
                   rank: int, world: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor,
                                                            torch.Tensor]]:
-    """Yield (step, images_BCHW, ids_BL, mask_BL) for this worker, one per step, in order."""
+    """(step, images_BCHW, ids_BL, mask_BL) per step for worker `rank`, from samples held in
+    the object store."""
     quiet_data_context()
-    local = cfg.train.batch_size // world
-    rows = worker_rows(n, cfg.train.batch_size, seed=cfg.run.seed, start=start, end=end,
-                       rank=rank, world=world)
-    ds = ray.data.from_items(rows).map_batches(
-        _Prepare, batch_size=local, concurrency=1, num_cpus=0.5,
-        fn_constructor_kwargs={"samples_ref": [samples_ref], "image_size": cfg.data.image_size,
-                               "hflip": cfg.data.hflip, "tokenizer_json": tokenizer_json,
-                               "context_length": cfg.tokenizer.context_length,
-                               "seed": cfg.run.seed})
-    for batch in ds.iter_batches(batch_size=local, batch_format="numpy", prefetch_batches=2):
-        steps = batch["step"]
-        if not (steps == steps[0]).all():
-            raise RuntimeError(f"worker {rank}: a batch mixes steps {sorted(set(steps.tolist()))}")
-        yield (int(steps[0]), torch.from_numpy(batch["images"]),
-               torch.from_numpy(batch["ids"]), torch.from_numpy(batch["mask"]).bool())
+    ds = _rank_dataset([samples_ref], n, cfg, tokenizer_json, start=start, end=end, rank=rank,
+                       world=world, max_samples=None)
+    for batch in iter_worker_batches(ds.iterator(), cfg, world=world):
+        yield batch.step, batch.images_BCHW, batch.ids_BL, batch.mask_BL

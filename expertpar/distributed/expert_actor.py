@@ -7,6 +7,7 @@ experts need no all-reduce. The router tells the actor when to step.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,21 +15,17 @@ import torch
 from ..config import MoEConfig, TrainConfig
 from ..moe.experts import FFN, init_expert_
 from ..moe.layer import expert_seed
-from ..train.checkpoint import Slot, export_shards, import_shards
-from ..train.optim import build_optimizer, clipped_step
+from ..train.checkpoint import read_shards
+from ..train.names import expert_entries, expert_file
+from ..train.owners import ParameterOwner
 from .tensors import from_wire, to_wire
 
 Shard = tuple[int, int]
 
 
-def shard_file(layer: int, expert: int) -> str:
-    """The checkpoint shard of one expert (same name as the in-process checkpoint)."""
-    return f"experts/L{layer}_E{expert}.safetensors"
-
-
 class ExpertActor:
     def __init__(self, shards: list[Shard], dim: int, moe: MoEConfig, train: TrainConfig,
-                 seed: int, state: dict[str, dict[str, torch.Tensor]] | None = None):
+                 seed: int, checkpoint: str | None = None):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.experts: dict[Shard, FFN] = {}
@@ -36,12 +33,14 @@ class ExpertActor:
             ffn = FFN(dim, moe.expert_hidden)
             init_expert_(ffn, expert_seed(seed, layer, expert))
             self.experts[(layer, expert)] = ffn.to(self.device)
-        self.entries = [(Slot(shard_file(*s), n), p) for s, ffn in self.experts.items()
-                        for n, p in ffn.named_parameters()]
-        self.optimizer = build_optimizer([(slot.key, p) for slot, p in self.entries], train)
+        self.owner = ParameterOwner([e for (L, x), ffn in self.experts.items()
+                                     for e in expert_entries(L, x, ffn)], train)
         self.cache: dict[tuple[str, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        if state:
-            self.load_state(state)
+        if checkpoint:
+            # The driver verified the checkpoint; each actor reads only its own shards.
+            files = [expert_file(L, x) for L, x in self.experts]
+            self.owner.load(read_shards(Path(checkpoint), files, verified=True),
+                            where=checkpoint)
 
     def info(self) -> dict:
         import ray
@@ -72,26 +71,21 @@ class ExpertActor:
             out[expert] = to_wire(x_ND.grad)
         return out
 
-    def grad_norms(self) -> list[tuple[str, float]]:
-        return [(f"{slot.file}:{slot.key}", float(torch.linalg.vector_norm(p.grad)))
-                for slot, p in self.entries if p.grad is not None]
+    # The parameter-owner calls, forwarded (an actor's methods are what Ray can call).
+
+    def grad_norms(self, step: int) -> torch.Tensor:
+        return self.owner.grad_norms(step)
 
     def step(self, lr: float, clip_coef: float) -> None:
-        clipped_step(self.optimizer, lr, clip_coef)
+        self.owner.step(lr, clip_coef)
         self.cache.clear()  # activations of an abandoned call never outlive a step
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.owner.zero_grad()
         self.cache.clear()
 
-    def grads(self) -> dict[str, np.ndarray]:
-        """Gradients by checkpoint name (file:key), for parity tests."""
-        return {f"{slot.file}:{slot.key}": to_wire(p.grad) for slot, p in self.entries
-                if p.grad is not None}
+    def grads(self) -> dict[str, torch.Tensor]:
+        return self.owner.grads()
 
-    def state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Checkpoint shards of this actor's experts, with their AdamW state."""
-        return export_shards(self.entries, self.optimizer)
-
-    def load_state(self, shards: dict[str, dict[str, torch.Tensor]]) -> None:
-        import_shards(self.entries, shards, self.optimizer, where="expert actor")
+    def export(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.owner.export()

@@ -8,19 +8,9 @@ replicating hot experts is future work.
 """
 from __future__ import annotations
 
+from ..config import check_num_actors
+
 Shard = tuple[int, int]  # (MoE layer index, expert index)
-
-
-def check_num_actors(num_actors: int, num_layers: int, num_experts: int) -> str | None:
-    """None when the actor count works, else why not (for the config error)."""
-    shards = num_layers * num_experts
-    if num_actors < 1:
-        return "must be >= 1"
-    if shards and num_actors > shards:
-        return (f"must be <= the number of expert shards ({num_layers} MoE layers x "
-                f"{num_experts} experts = {shards}); an actor with no expert would idle "
-                f"(expert replicas are not built yet)")
-    return None
 
 
 def actor_of(layer: int, expert: int, num_experts: int, num_actors: int) -> int:

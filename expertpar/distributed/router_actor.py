@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -19,8 +20,9 @@ import torch
 
 from ..config import MoEConfig, TrainConfig
 from ..moe.layer import MoELayer, RouteContext
-from ..train.checkpoint import Slot, export_shards, import_shards
-from ..train.optim import build_optimizer, clipped_step
+from ..train.checkpoint import read_shards
+from ..train.names import ROUTER_FILE, gate_entries
+from ..train.owners import ParameterOwner
 from .remote_experts import RemoteExperts
 from .tensors import from_wire, to_wire
 
@@ -39,23 +41,22 @@ class _Gather:
 
 class RouterActor:
     def __init__(self, dim: int, moe: MoEConfig, train: TrainConfig, num_layers: int, seed: int,
-                 actors: list, owner: dict[tuple[int, int], int],
-                 state: dict[str, torch.Tensor] | None = None):
+                 actors: list, owner: dict[tuple[int, int], int], checkpoint: str | None = None):
         torch.set_num_threads(1)
         self.calls: Counter = Counter()  # Ray calls made and received, for `expertpar bench`
         self.layers = [MoELayer(dim, moe, L, seed=seed,
                                 experts=RemoteExperts(L, actors, owner, self._count))
                        for L in range(num_layers)]
         self.actors = actors
-        self.entries = [(Slot("router.safetensors", f"moe{L}.{n}"), p)
-                        for L, layer in enumerate(self.layers) for n, p in layer.named_parameters()]
-        self.optimizer = build_optimizer([(slot.key, p) for slot, p in self.entries], train)
+        self.owner = ParameterOwner([e for L, layer in enumerate(self.layers)
+                                     for e in gate_entries(L, layer)], train)
         self.lock = threading.Lock()
         self.gathers: dict[tuple, _Gather] = {}
         self.saved: dict[tuple[str, int], tuple] = {}  # forward graph kept for backward
-        self.norms: tuple[int, list] | None = None
-        if state:
-            self.load_state(state)
+        self.norms: tuple[int, torch.Tensor] | None = None
+        if checkpoint:  # verified by the driver; the router reads only the gates' file
+            self.owner.load(read_shards(Path(checkpoint), [ROUTER_FILE], verified=True),
+                            where=checkpoint)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -146,53 +147,45 @@ class RouterActor:
         dx_TD[order] = x_TD.grad
         return [to_wire(part) for part in torch.split(dx_TD, sizes)]
 
-    # ----------------------------------------------------------------- step
+    # ----------------------------------------------------------------- the owner calls
+    # The router is the parameter owner of the gates and speaks for the expert actors' owners.
 
-    def grad_norms(self, step: int) -> list[tuple[str, float]]:
+    def grad_norms(self, step: int) -> torch.Tensor:
         """Norms of every gate and expert gradient (asked by each worker, computed once)."""
         self._count("worker->router/grad_norms")
         with self.lock:
             if self.norms is not None and self.norms[0] == step:
                 return self.norms[1]
             self.calls["router->expert/grad_norms"] += len(self.actors)
-            own = [(slot.key, float(torch.linalg.vector_norm(p.grad)))
-                   for slot, p in self.entries if p.grad is not None]
-            remote = [x for part in ray.get([a.grad_norms.remote() for a in self.actors])
-                      for x in part]
-            self.norms = (step, own + remote)
+            remote = ray.get([a.grad_norms.remote(step) for a in self.actors])
+            self.norms = (step, torch.cat([self.owner.grad_norms(step), *remote]))
             return self.norms[1]
 
     def step(self, lr: float, clip_coef: float) -> None:
         self._count("worker->router/step")
         self._count("router->expert/step", len(self.actors))
         refs = [a.step.remote(lr, clip_coef) for a in self.actors]
-        clipped_step(self.optimizer, lr, clip_coef)
+        self.owner.step(lr, clip_coef)
         self.saved.clear()
         ray.get(refs)
 
     def zero_grad(self) -> None:
         """Drop gradients and cached activations here and in every expert actor (a step that
         will not be taken, e.g. after a failed worker)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.owner.zero_grad()
         self.saved.clear()
         ray.get([a.zero_grad.remote() for a in self.actors])
 
-    # ----------------------------------------------------------------- state
-
-    def grads(self) -> dict[str, np.ndarray]:
-        own = {f"{slot.file}:{slot.key}": to_wire(p.grad) for slot, p in self.entries
-               if p.grad is not None}
+    def grads(self) -> dict[str, torch.Tensor]:
+        """Every gate and expert gradient by slot name, for parity tests."""
+        out = self.owner.grads()
         for part in ray.get([a.grads.remote() for a in self.actors]):
-            own.update(part)
-        return own
-
-    def state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The whole MoE side of a checkpoint: router.safetensors and every expert shard."""
-        out = export_shards(self.entries, self.optimizer)
-        for part in ray.get([a.state.remote() for a in self.actors]):
             out.update(part)
         return out
 
-    def load_state(self, router: dict[str, torch.Tensor]) -> None:
-        import_shards(self.entries, {"router.safetensors": router}, self.optimizer,
-                      where="router.safetensors")
+    def export(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The whole MoE side of a checkpoint: router.safetensors and every expert shard."""
+        out = self.owner.export()
+        for part in ray.get([a.export.remote() for a in self.actors]):
+            out.update(part)
+        return out

@@ -1,7 +1,11 @@
 """The sparse MoE layer: route -> dispatch -> experts -> combine, plus aux losses and stats.
 
+Shape legend: T tokens, D model dim, E experts, A kept assignments (rows sent to experts).
+
 Model code calls every MoE layer as ``layer(x_TD, modality_T, ctx) -> MoEOutput``, whichever
-backend built it (see backend.py).
+backend built it (see backend.py). The routing policy (``cfg.routing``: token choice or expert
+choice) is decided inside ``route``; everything after it reads the policy-free ``Routing``, so
+an expert backend only ever sees ``forward(x_AD, counts_E) -> y_AD``.
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ class MoELayer(nn.Module):
                         noise_seed=ctx.noise_seed(self.layer_index))
         plan = make_plan(routing)
         y_AD = self.experts(dispatch(x_TD, plan), plan.counts_E)
-        y_TD = combine(y_AD, routing.weight_TK, plan)
+        y_TD = combine(y_AD, routing.weight_A, plan)
         aux_loss, aux = aux_losses(routing, modality_T, self.cfg)
         aux = {k: v.detach() for k, v in aux.items()}
         return MoEOutput(y_TD, aux_loss, aux, RoutingStats.of(routing, modality_T))

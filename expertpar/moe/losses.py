@@ -1,5 +1,7 @@
 """Auxiliary router losses, each a plain function of the routing (returned, never global).
 
+Shape legend: T tokens, E experts, R routed assignments (chosen before any capacity limit).
+
 Minima, for the tests: load balance is 1 at a uniform router; z-loss is (log E)^2 at zero logits and 0 where logsumexp is 0;
 local entropy is 0 for one-hot routing; the global term is -log E when experts are used evenly.
 """
@@ -11,12 +13,13 @@ from ..config import MoEConfig
 from .router import MODALITIES, Routing
 
 
-def load_balance_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer: E * sum_e f_e * P_e, f = share of top-k assignments, P = mean prob."""
+def load_balance_loss(probs_TE: torch.Tensor, expert_R: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer: E * sum_e f_e * P_e, f = share of routed (top-k) assignments, before
+    capacity, P = mean prob. ``expert_R`` may have any shape (e.g. a token-choice expert_TK)."""
     T, E = probs_TE.shape
     if T == 0:
         return probs_TE.sum() * 0.0
-    f_E = torch.bincount(expert_TK.reshape(-1), minlength=E).float() / expert_TK.numel()
+    f_E = torch.bincount(expert_R.reshape(-1), minlength=E).float() / expert_R.numel()
     P_E = probs_TE.mean(dim=0)
     return E * (f_E * P_E).sum()
 
@@ -48,12 +51,23 @@ def global_entropy_loss(probs_TE: torch.Tensor) -> torch.Tensor:
 
 def aux_losses(routing: Routing, modality_T: torch.Tensor,
                cfg: MoEConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(weighted total, {name: unweighted value}) for one MoE layer."""
-    terms = {
-        "load_balance": load_balance_loss(routing.probs_TE, routing.expert_TK),
-        "z_loss": z_loss(routing.logits_TE),
-    }
-    total = cfg.load_balance_weight * terms["load_balance"] + cfg.z_loss_weight * terms["z_loss"]
+    """(weighted total, {name: unweighted value}) for one MoE layer.
+
+    The z-loss and the per-modality LIMoE entropy terms apply to every policy. The
+    load-balancing loss applies to token choice only: under expert choice every expert takes
+    exactly C tokens, so load is balanced by construction and the term has no meaning there.
+    It is then neither added to the total nor reported (no "load_balance" key), and
+    ``cfg.load_balance_weight`` is ignored.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    if routing.policy == "token_choice":
+        terms["load_balance"] = load_balance_loss(routing.probs_TE, routing.expert_R)
+        terms["z_loss"] = z_loss(routing.logits_TE)
+        total = (cfg.load_balance_weight * terms["load_balance"]
+                 + cfg.z_loss_weight * terms["z_loss"])
+    else:
+        terms["z_loss"] = z_loss(routing.logits_TE)
+        total = cfg.z_loss_weight * terms["z_loss"]
     for mid, name in MODALITIES.items():
         probs = routing.probs_TE[modality_T == mid]
         if probs.shape[0] == 0:

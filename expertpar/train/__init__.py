@@ -1,4 +1,6 @@
-"""Training: optimizer and schedule, CLIP loss, checkpoints, metrics, the in-process loop."""
-from .loop import TrainResult, train
+"""Training: the one loop and its runtimes' shared parts — step, parameter owners, optimizer
+and schedule, CLIP loss, checkpoints and their names, metrics."""
+from .local import train_local
+from .loop import RunSpec, TrainResult, run
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["RunSpec", "TrainResult", "run", "train_local"]

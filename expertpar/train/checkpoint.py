@@ -21,45 +21,21 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .names import RNG_FILE
+from .owners import CheckpointError, Shards
+
 log = logging.getLogger("expertpar")
 FORMAT = "expertpar-checkpoint/1"
-_EXPERT = re.compile(r"^experts\.experts\.(\d+)\.(.+)$")
-OPT_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class Slot:
-    file: str  # relative path of the shard
-    key: str  # tensor name inside it
-
-
-def param_slots(model: torch.nn.Module) -> dict[str, Slot]:
-    """Where each named parameter of ``model`` lives in a checkpoint."""
-    moe_prefix = {name + ".": layer.layer_index for name, layer in model.moe_layers()}
-    slots = {}
-    for name, _ in model.named_parameters():
-        slot = Slot("dense.safetensors", name)
-        for prefix, L in moe_prefix.items():
-            if name.startswith(prefix):
-                rest = name[len(prefix):]
-                m = _EXPERT.match(rest)
-                slot = (Slot(f"experts/L{L}_E{int(m.group(1))}.safetensors", m.group(2)) if m
-                        else Slot("router.safetensors", f"moe{L}.{rest}"))
-        slots[name] = slot
-    return slots
+__all__ = ["CheckpointError", "latest_checkpoint", "read_shards", "read_train_state",
+           "restore_rng", "verify", "write_checkpoint"]
 
 
 def _sha256(path: Path) -> str:
@@ -78,58 +54,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-Entry = tuple[Slot, torch.nn.Parameter]
-
-
-def export_shards(entries: Iterable[Entry], optimizer: torch.optim.Optimizer | None
-                  ) -> dict[str, dict[str, torch.Tensor]]:
-    """{shard file: {key: tensor}} for these parameters and their optimizer state; every
-    parameter owner (this process, the router, an expert actor) writes its part this way."""
-    shards: dict[str, dict[str, torch.Tensor]] = {}
-    for slot, p in entries:
-        shard = shards.setdefault(slot.file, {})
-        shard[slot.key] = p.detach().cpu().contiguous()
-        state = optimizer.state.get(p, {}) if optimizer is not None else {}
-        for k, v in state.items():
-            shard[f"{slot.key}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    return shards
-
-
-def import_shards(entries: Iterable[Entry], shards: dict[str, dict[str, torch.Tensor]],
-                  optimizer: torch.optim.Optimizer | None, *, where: str = "") -> None:
-    """The inverse of ``export_shards``: parameters (and AdamW state, when saved) back."""
-    for slot, p in entries:
-        tensors = shards.get(slot.file)
-        if tensors is None or slot.key not in tensors:
-            raise CheckpointError(f"checkpoint {where} has no '{slot.key}' in {slot.file}: "
-                                  f"was it written by another model config?")
-        value = tensors[slot.key]
-        if value.shape != p.shape:
-            raise CheckpointError(f"checkpoint {where}: {slot.file}:{slot.key} has shape "
-                                  f"{tuple(value.shape)}, the model expects {tuple(p.shape)}")
-        with torch.no_grad():
-            p.copy_(value)
-        if optimizer is not None and f"{slot.key}::exp_avg" in tensors:
-            optimizer.state[p] = adam_state(tensors, slot.key, p.device)
-
-
-def model_entries(model: torch.nn.Module) -> list[Entry]:
-    params = dict(model.named_parameters())
-    return [(slot, params[name]) for name, slot in param_slots(model).items()]
-
-
-def gather_tensors(model: torch.nn.Module,
-                   optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
-    """{shard file: {key: tensor}} for every parameter and its optimizer state."""
-    shards = export_shards(model_entries(model), optimizer)
-    # Buffers (BatchNorm running statistics of the CNN stem) are model state too.
-    dense = shards.setdefault("dense.safetensors", {})
-    for name, b in model.named_buffers():
-        dense[f"buffer::{name}"] = b.detach().cpu().contiguous()
-    return shards
-
-
-def write_checkpoint(ckpt_root: Path, step: int, shards: dict[str, dict[str, torch.Tensor]],
+def write_checkpoint(ckpt_root: Path, step: int, shards: Shards,
                      *, train_state: dict[str, Any], text_files: dict[str, str],
                      keep: int = 2) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -140,7 +65,7 @@ def write_checkpoint(ckpt_root: Path, step: int, shards: dict[str, dict[str, tor
     (tmp / "experts").mkdir(parents=True)
     for rel, tensors in shards.items():
         save_file(tensors, str(tmp / rel))
-    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / RNG_FILE))
     (tmp / "train_state.json").write_text(json.dumps({"step": step, **train_state}, indent=1))
     for rel, text in text_files.items():
         (tmp / rel).write_text(text)
@@ -222,31 +147,15 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_shards(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    manifest = verify(path)
+def read_shards(path: Path, files: Iterable[str] | None = None, *,
+                verified: bool = False) -> Shards:
+    """The tensor files of a checkpoint (all of them, or just ``files`` that it has), checked
+    against the manifest unless the caller has just verified it."""
+    manifest = json.loads((path / "manifest.json").read_text()) if verified else verify(path)
+    wanted = set(files) if files is not None else None
     return {rel: load_file(str(path / rel)) for rel in manifest["files"]
-            if rel.endswith(".safetensors") and rel != "rng.safetensors"}
-
-
-def restore_model(model: torch.nn.Module, shards: dict[str, dict[str, torch.Tensor]],
-                  optimizer: torch.optim.Optimizer | None = None, *, where: str = "") -> None:
-    import_shards(model_entries(model), shards, optimizer, where=where)
-    dense = shards.get("dense.safetensors", {})
-    for name, b in model.named_buffers():
-        key = f"buffer::{name}"
-        if key not in dense:
-            raise CheckpointError(f"checkpoint {where} has no buffer '{name}' in "
-                                  f"dense.safetensors: was it written by another model config?")
-        with torch.no_grad():
-            b.copy_(dense[key])
-
-
-def adam_state(tensors: dict[str, torch.Tensor], key: str, device) -> dict[str, torch.Tensor]:
-    """AdamW state of one parameter: moments beside the parameter, the step count on the CPU
-    (where torch's non-capturable AdamW keeps it)."""
-    return {"exp_avg": tensors[f"{key}::exp_avg"].clone().to(device),
-            "exp_avg_sq": tensors[f"{key}::exp_avg_sq"].clone().to(device),
-            "step": tensors[f"{key}::step"].clone()}
+            if rel.endswith(".safetensors") and rel != RNG_FILE
+            and (wanted is None or rel in wanted)}
 
 
 def read_train_state(path: Path) -> dict[str, Any]:
@@ -254,4 +163,4 @@ def read_train_state(path: Path) -> dict[str, Any]:
 
 
 def restore_rng(path: Path) -> None:
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_cpu"])
+    torch.set_rng_state(load_file(str(path / RNG_FILE))["torch_cpu"])

@@ -47,3 +47,12 @@ def progress_line(step: int, steps: int, loss: float, tokens_per_s: float,
                   eta_s: float, extra: str = "") -> str:
     return (f"step {step:>6}/{steps} | loss {loss:7.4f} | {tokens_per_s:9.0f} tok/s | "
             f"eta {format_duration(eta_s)}" + (f" | {extra}" if extra else ""))
+
+
+def eval_line(step: int, m: dict[str, float]) -> str:
+    parts = [f"eval @ {step}:"]
+    for key in ("zero_shot/top1", "zero_shot/top5", "retrieval/image_to_text/R@1",
+                "retrieval/text_to_image/R@1", "retrieval/image_to_text/R@5"):
+        if key in m:
+            parts.append(f"{key}={m[key]:.3f}")
+    return " ".join(parts)

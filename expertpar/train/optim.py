@@ -1,8 +1,8 @@
 """AdamW with decoupled weight decay on matrices only, and a warmup + cosine schedule.
 
-Every parameter owner (this process, or later a router or expert actor) builds its optimizer
-with ``build_optimizer`` and the same rule for weight decay, so ownership does not change the
-update.
+Every parameter owner (train/owners.py: the dense model, the router actor, each expert actor)
+builds its optimizer with ``build_optimizer`` and the same rule for weight decay, so ownership
+does not change the update.
 """
 from __future__ import annotations
 
@@ -33,11 +33,12 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]],
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine down to lr * min_lr_ratio."""
+    """Linear warmup to cfg.lr at step warmup_steps - 1, then cosine down to lr * min_lr_ratio,
+    reached at the last step (steps - 1)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    peak = max(cfg.warmup_steps - 1, 0)  # the cosine starts where warmup peaked
+    progress = min(1.0, (step - peak) / max(1, cfg.steps - 1 - peak))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
@@ -45,14 +46,3 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def clipped_step(optimizer: torch.optim.Optimizer, lr: float, clip_coef: float) -> None:
-    """Scale every gradient by the global clip coefficient, then step at ``lr`` and clear."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                p.grad.mul_(clip_coef)
-    set_lr(optimizer, lr)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)

@@ -1,22 +1,26 @@
-"""Everything a run needs before its first step: device, data, tokenizer, model."""
+"""Everything a run decides before its first step, on the driver: run directory, data index,
+tokenizer, the checkpoint to resume from. The result is a ``RunSpec`` every worker receives."""
 from __future__ import annotations
 
 import logging
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..config import Config
-from ..data import (DatasetInfo, ImageTextDataset, find_dataset_info, load_tokenizer,
-                    save_tokenizer, train_tokenizer, vocab_size)
+from ..config import Config, dump_config
+from ..data import (SampleIndex, load_tokenizer, save_tokenizer, train_tokenizer,
+                    vocab_size)
 from ..model import VisionLanguageModel
 from ..moe import MoEBackend
+from .checkpoint import latest_checkpoint, read_train_state
+from .loop import RunSpec
 
 log = logging.getLogger("expertpar")
+IndexBuilder = Callable[..., SampleIndex]  # SampleIndex.build, or its Ray-parallel twin
 
 
 def set_aside_previous_run(run_dir: Path) -> Path | None:
@@ -48,28 +52,40 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@dataclass
-class RunData:
-    train: ImageTextDataset
-    eval: ImageTextDataset | None
-    info: DatasetInfo | None
-    tokenizer: object
-
-
-def load_run_data(cfg: Config, run_dir: Path) -> RunData:
-    """Read both splits (skipping bad samples), and train or load the tokenizer."""
-    train = ImageTextDataset.load(cfg.data.train, max_samples=cfg.data.max_train_samples)
+def prepare_run(cfg: Config, *, resume: bool, stop_after: int | None,
+                build_index: IndexBuilder = SampleIndex.build) -> tuple[RunSpec, SampleIndex]:
+    """Index both splits (skipping bad samples), train or load the tokenizer, find the
+    checkpoint to resume from; returns the spec and the training index."""
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        set_aside_previous_run(run_dir)
+    seed_everything(cfg.run.seed)
+    t0 = time.perf_counter()
+    train = build_index(cfg.data.train, max_samples=cfg.data.max_train_samples)
     if len(train) < cfg.train.batch_size:
         raise ValueError(f"data.train '{cfg.data.train}' has {len(train)} usable samples, fewer "
                          f"than train.batch_size ({cfg.train.batch_size})")
-    evald = (ImageTextDataset.load(cfg.data.eval, max_samples=cfg.data.max_eval_samples)
+    evald = (build_index(cfg.data.eval, max_samples=cfg.data.max_eval_samples)
              if cfg.data.eval else None)
-    info = (find_dataset_info(cfg.data.eval) if cfg.data.eval else None) or find_dataset_info(
-        cfg.data.train)
-    return RunData(train, evald, info, load_tokenizer_for(cfg, run_dir, train.captions))
+    info = (evald.info if evald is not None else None) or train.info
+    tokenizer = load_tokenizer_for(cfg, run_dir, train.captions)
+    log.debug("data indexed and tokenizer ready in %.1fs", time.perf_counter() - t0)
+    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    start = read_train_state(ckpt)["step"] if ckpt is not None else 0
+    if ckpt is not None:
+        log.info("resuming from %s at step %d", ckpt, start)
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    spec = RunSpec(cfg=cfg, run_dir=str(run_dir), start=start, end=end,
+                   tokenizer_json=tokenizer.to_str(), train_location=train.location,
+                   train_samples=len(train), skipped=train.skipped.as_metrics(),
+                   eval_location=evald.location if evald is not None else None, info=info,
+                   resume_from=str(ckpt) if ckpt is not None else None)
+    return spec, train
 
 
-def load_tokenizer_for(cfg: Config, run_dir: Path, captions: list[str]):
+def load_tokenizer_for(cfg: Config, run_dir: Path, captions):
     """The run's tokenizer: kept from an earlier start, loaded from a file, or trained."""
     saved = run_dir / "tokenizer.json"
     if saved.exists():  # a resumed run keeps the vocabulary its weights were trained with

@@ -56,7 +56,7 @@ def messy_shard(tmp_path: Path) -> Path:
 
 
 def test_load_skips_and_counts_bad_samples(messy_shard: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="expertpar.data.dataset"):
+    with caplog.at_level(logging.WARNING, logger="expertpar"):
         ds = ImageTextDataset.load(messy_shard.parent)
     assert len(ds) == 5 and [s.key for s in ds.samples] == ["good0", "good1", "good2", "good3", "good9"]
     assert ds.skipped.total == 3

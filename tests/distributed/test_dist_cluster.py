@@ -9,7 +9,7 @@ from ray.cluster_utils import Cluster
 
 from conftest import tiny_config
 from expertpar.distributed.placement import place_experts
-from expertpar.train import train
+from expertpar.app import train
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_expert_actors_spread_over_nodes_with_their_gpu_share(cluster, synth_dir
         "distributed.backend": "ray", "experts.num_actors": 2, "experts.cpus_per_actor": 1,
         "experts.gpus_per_actor": 0.5, "experts.placement": "spread", "train.steps": 3,
         "model.depth": 4})
-    result = train(cfg, echo=lambda s: None)
+    result = train(cfg)
     assert result.steps_done == 3 and len(result.losses) == 3
     topo = json.loads((cfg.run_dir / "ray_topology.json").read_text())
     actors = topo["expert_actors"]

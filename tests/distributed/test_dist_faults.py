@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from conftest import tiny_config
-from expertpar.train import train
+from expertpar.app import train
 from expertpar.train.checkpoint import latest_checkpoint, read_train_state, verify
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def test_lost_expert_actor_stops_the_run_and_a_rerun_resumes(ray_local, synth_di
     killer.start()
     started = time.time()
     with pytest.raises(Exception) as failure:
-        train(cfg, echo=lambda s: None)
+        train(cfg)
     killer.join()
     assert "killed" in done, "the expert actor was never found to kill"
     assert time.time() - started < 200  # an error, not the router's 10-minute deadline
@@ -59,7 +59,7 @@ def test_lost_expert_actor_stops_the_run_and_a_rerun_resumes(ray_local, synth_di
     assert resumed_at >= 5 and resumed_at % 5 == 0
 
     # The re-run starts fresh actors from the checkpoint and follows the reference curve.
-    again = train(cfg, stop_after=3, echo=lambda s: None)
+    again = train(cfg, stop_after=3)
     ref = train(tiny_config(synth_dir, tmp_path / "local", **common),
-                stop_after=resumed_at + 3, echo=lambda s: None)
+                stop_after=resumed_at + 3)
     assert again.losses == pytest.approx(ref.losses[resumed_at:], rel=1e-5)

@@ -7,18 +7,20 @@ import ray
 import torch
 
 from conftest import tiny_config
-from expertpar.data import (ImageTextDataset, encode_captions, make_transform, train_tokenizer,
-                            vocab_size)
+from expertpar.app import train
+from expertpar.data import (Batch, ImageTextDataset, encode_captions, make_transform,
+                            train_tokenizer, vocab_size)
 from expertpar.distributed.actors import start_moe_actors
 from expertpar.distributed.bridge import RayBackend
-from expertpar.distributed.step import distributed_train_step
+from expertpar.distributed.runtime import RemoteOwner
 from expertpar.moe import MoELayer, RouteContext
-from expertpar.train import train
-from expertpar.train.checkpoint import latest_checkpoint, param_slots, read_shards
-from expertpar.train.loop import train_step
+from expertpar.train.checkpoint import latest_checkpoint, read_shards
+from expertpar.train.loop import dense_owner
 from expertpar.train.loss import clip_loss
-from expertpar.train.optim import build_optimizer
+from expertpar.train.metrics import read_metrics
+from expertpar.train.names import model_entries
 from expertpar.train.setup import build_model
+from expertpar.train.step import SingleProcess, train_step
 
 pytestmark = pytest.mark.slow
 
@@ -37,21 +39,26 @@ def batch(synth_dir):
     return tok, images, ids, mask
 
 
+ROUTINGS = ["token_choice", "expert_choice"]
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("num_actors", [1, 2, 4])
 def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_path, batch,
-                                                     num_actors):
+                                                     num_actors, routing):
     tok, images, ids, mask = batch
     cfg = tiny_config(synth_dir, tmp_path, **{
+        "model.moe.routing": routing,
         "distributed.backend": "ray", "experts.num_actors": num_actors,
         "experts.cpus_per_actor": 0.5, "model.moe.top_k": 2, "model.moe.capacity_factor": 1.0,
         "model.moe.noise_std": 0.3, "model.moe.local_entropy_weight": 0.01,
         "model.moe.global_entropy_weight": 0.01})
     local = build_model(cfg, vocab_size(tok))
-    opt_l = build_optimizer(local.named_parameters(), cfg.train)
+    owners_l = [dense_owner(local, cfg)]
     moe = start_moe_actors(cfg)
     try:
         remote = build_model(cfg, vocab_size(tok), RayBackend(moe.router))
-        opt_r = build_optimizer(remote.named_parameters(), cfg.train)
+        owners_r = [dense_owner(remote, cfg), RemoteOwner(moe.router, lead=True)]
         ctx = RouteContext(seed=0, step=0)
         enc_l = local.encode(images, ids, mask, ctx)
         enc_r = remote.encode(images, ids, mask, ctx)
@@ -65,34 +72,26 @@ def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_p
         for model, enc in ((local, enc_l), (remote, enc_r)):
             loss = clip_loss(enc.image_BE, enc.text_BE, model.logit_scale) + enc.aux_loss
             loss.backward()
-        remote_grads = ray.get(moe.router.grads.remote())
-        remote_params = dict(remote.named_parameters())
+        remote_grads = {**owners_r[0].grads(), **ray.get(moe.router.grads.remote())}
         checked = 0
-        for name, slot in param_slots(local).items():
-            p = dict(local.named_parameters())[name]
+        for slot, p in model_entries(local):
             if p.grad is None:
                 continue
-            if slot.file == "dense.safetensors":
-                got = remote_params[name].grad
-            else:
-                got = torch.from_numpy(remote_grads[f"{slot.file}:{slot.key}"])
-            assert rel_err(got, p.grad) <= 1e-5, name
+            assert rel_err(remote_grads[str(slot)], p.grad) <= 1e-5, slot
             checked += 1
         assert checked == sum(p.grad is not None for p in local.parameters())
         assert any(k.startswith("experts/") for k in remote_grads)
         # And a whole step (with clipping) keeps the parameters equal.
-        opt_l.zero_grad(set_to_none=True)
-        opt_r.zero_grad(set_to_none=True)
-        ray.get(moe.router.zero_grad.remote())
-        train_step(local, opt_l, images, ids, mask, RouteContext(0, 1), cfg.train.grad_clip)
-        distributed_train_step(remote, opt_r, moe.router, images, ids, mask, RouteContext(0, 1),
-                               cfg.train.grad_clip, cfg.train.lr)
-        state = ray.get(moe.router.state.remote())
-        for name, slot in param_slots(local).items():
-            want = dict(local.named_parameters())[name].detach()
-            got = (remote_params[name].detach() if slot.file == "dense.safetensors"
-                   else state[slot.file][slot.key])
-            assert rel_err(got, want) <= 1e-5, name
+        for owner in owners_l + owners_r:
+            owner.zero_grad()
+        batch = Batch(1, images, ids, mask)
+        for model, owners in ((local, owners_l), (remote, owners_r)):
+            train_step(model, batch, RouteContext(0, 1), owners, SingleProcess(),
+                       cfg.train.grad_clip, cfg.train.lr)
+        want = owners_l[0].export()
+        got = {**owners_r[0].export(), **owners_r[1].export()}
+        for slot, _ in model_entries(local):
+            assert rel_err(got[slot.file][slot.key], want[slot.file][slot.key]) <= 1e-5, slot
     finally:
         moe.shutdown()
 
@@ -127,14 +126,17 @@ def _tensors(run_dir):
     return read_shards(latest_checkpoint(run_dir / "checkpoints"))
 
 
-def test_two_workers_train_like_one_process(ray_local, synth_dir, tmp_path):
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_two_workers_train_like_one_process(ray_local, synth_dir, tmp_path, routing):
     common = {"train.steps": 5, "train.checkpoint_every": 5, "model.moe.top_k": 2,
-              "model.moe.capacity_factor": 1.0}
-    ref = train(tiny_config(synth_dir, tmp_path / "local", **common), echo=lambda s: None)
+              "model.moe.capacity_factor": 1.0, "model.moe.routing": routing}
+    ref = train(tiny_config(synth_dir, tmp_path / "local", **common))
     cfg = tiny_config(synth_dir, tmp_path / "ray", **common, **{
         "distributed.backend": "ray", "distributed.num_workers": 2, "experts.num_actors": 2,
         "experts.cpus_per_actor": 0.5})
-    got = train(cfg, echo=lambda s: None)
+    got = train(cfg)
+    start = [m for m in read_metrics(got.run_dir / "metrics.jsonl") if m.get("event") == "start"]
+    assert [m["train/workers"] for m in start] == [2]  # two Ray Train workers ran the loop
     assert got.losses == pytest.approx(ref.losses, rel=1e-5)
     a, b = _tensors(ref.run_dir), _tensors(got.run_dir)
     assert sorted(a) == sorted(b)
@@ -146,13 +148,12 @@ def test_two_workers_train_like_one_process(ray_local, synth_dir, tmp_path):
 
 def test_resume_with_other_actor_and_worker_counts(ray_local, synth_dir, tmp_path):
     common = {"train.steps": 6, "train.checkpoint_every": 3}
-    ref = train(tiny_config(synth_dir, tmp_path / "local", **common), echo=lambda s: None)
+    ref = train(tiny_config(synth_dir, tmp_path / "local", **common))
     ray_cfg = {"distributed.backend": "ray", "experts.cpus_per_actor": 0.5}
     first = train(tiny_config(synth_dir, tmp_path / "ray", **common, **ray_cfg,
-                              **{"experts.num_actors": 2}), stop_after=3, echo=lambda s: None)
+                              **{"experts.num_actors": 2}), stop_after=3)
     assert first.losses == pytest.approx(ref.losses[:3], rel=1e-5)
     second = train(tiny_config(synth_dir, tmp_path / "ray", **common, **ray_cfg,
-                               **{"experts.num_actors": 4, "distributed.num_workers": 2}),
-                   echo=lambda s: None)
+                               **{"experts.num_actors": 4, "distributed.num_workers": 2}))
     # The next step after the resume has the loss the original topology would have had.
     assert second.losses == pytest.approx(ref.losses[3:], rel=1e-5)

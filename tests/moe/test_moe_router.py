@@ -7,13 +7,15 @@ probabilities written in the test.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from expertpar.config import MoEConfig
-from expertpar.moe.router import (IMAGE, TEXT, assignment_priority, capacity_keep,
-                                  expert_capacity, gate_logits, gate_noise, route)
+from expertpar.moe.router import (IMAGE, TEXT, Routing, assignment_priority, capacity_keep,
+                                  expert_capacity, expert_choice_capacity, gate_logits,
+                                  gate_noise, route)
 
 
 def logp(rows: list[list[float]]) -> torch.Tensor:
@@ -27,6 +29,28 @@ def eye(e: int) -> torch.Tensor:
 
 def text(t: int) -> torch.Tensor:
     return torch.full((t,), TEXT, dtype=torch.long)
+
+
+class TokenChoiceTables(NamedTuple):
+    expert_TK: torch.Tensor
+    keep_TK: torch.Tensor
+    weight_TK: torch.Tensor
+
+
+def tc(r: Routing) -> TokenChoiceTables:
+    """The token-choice tables (chosen experts best first, kept, combine weight with 0 where
+    dropped) rebuilt from the policy-free Routing: token choice routes all T * K choices in
+    (token, rank) order, and keeps an entry when its (token, expert) pair is a kept assignment."""
+    assert r.policy == "token_choice"
+    T, E = r.probs_TE.shape
+    expert_TK = r.expert_R.reshape(T, -1)
+    K = expert_TK.shape[1]
+    assert torch.equal(r.token_R, torch.arange(T).repeat_interleave(K))
+    pair_TK = torch.arange(T)[:, None] * E + expert_TK
+    match_TKA = pair_TK[:, :, None] == (r.token_A * E + r.expert_A)
+    assert int(match_TKA.sum()) == r.token_A.numel()  # every kept pair is one routed entry
+    weight_TK = (match_TKA.float() * r.weight_A).sum(-1)
+    return TokenChoiceTables(expert_TK, match_TKA.any(-1), weight_TK)
 
 
 def slow_capacity_keep(expert_TK, score_TK, num_experts, capacity):
@@ -54,11 +78,11 @@ def test_top1_picks_argmax_and_keeps_raw_probability():
     x = logp([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5], [0.25, 0.7, 0.05]])
     cfg = MoEConfig(num_experts=3, top_k=1, dropless=True)
     r = route(x, eye(3), text(3), cfg, training=True)
-    assert r.expert_TK.tolist() == [[0], [2], [1]]
+    assert tc(r).expert_TK.tolist() == [[0], [2], [1]]
     # top-1 is NOT renormalised: weight is the raw probability, not 1.
-    torch.testing.assert_close(r.weight_TK, torch.tensor([[0.6], [0.5], [0.7]]))
+    torch.testing.assert_close(tc(r).weight_TK, torch.tensor([[0.6], [0.5], [0.7]]))
     assert r.capacity is None
-    assert r.keep_TK.all()
+    assert tc(r).keep_TK.all()
 
 
 def test_top2_renormalises_weights_to_sum_one():
@@ -67,16 +91,16 @@ def test_top2_renormalises_weights_to_sum_one():
     x = logp([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5]])
     cfg = MoEConfig(num_experts=3, top_k=2, dropless=True)
     r = route(x, eye(3), text(2), cfg, training=True)
-    assert r.expert_TK.tolist() == [[0, 1], [2, 1]]
-    torch.testing.assert_close(r.weight_TK, torch.tensor([[2 / 3, 1 / 3], [0.625, 0.375]]))
-    torch.testing.assert_close(r.weight_TK.sum(1), torch.ones(2))
+    assert tc(r).expert_TK.tolist() == [[0, 1], [2, 1]]
+    torch.testing.assert_close(tc(r).weight_TK, torch.tensor([[2 / 3, 1 / 3], [0.625, 0.375]]))
+    torch.testing.assert_close(tc(r).weight_TK.sum(1), torch.ones(2))
 
 
 def test_top2_without_renormalize_keeps_raw_probabilities():
     x = logp([[0.6, 0.3, 0.1]])
     cfg = MoEConfig(num_experts=3, top_k=2, dropless=True, renormalize=False)
     r = route(x, eye(3), text(1), cfg, training=True)
-    torch.testing.assert_close(r.weight_TK, torch.tensor([[0.6, 0.3]]))
+    torch.testing.assert_close(tc(r).weight_TK, torch.tensor([[0.6, 0.3]]))
 
 
 def test_gate_logits_are_x_times_w_transpose_in_fp32():
@@ -105,7 +129,7 @@ def test_temperature_scales_logits_before_softmax():
     torch.testing.assert_close(sharp.logits_TE, 2.0 * x)
     # sharper: the top probability grows, top-1 weight is the raw (sharpened) probability
     assert sharp.probs_TE[0, 0] > base.probs_TE[0, 0]
-    assert sharp.weight_TK[0, 0].item() == pytest.approx(36 / 46, rel=1e-6)
+    assert tc(sharp).weight_TK[0, 0].item() == pytest.approx(36 / 46, rel=1e-6)
 
 
 def test_low_temperature_flattens():
@@ -129,9 +153,67 @@ def test_low_temperature_flattens():
     (3, 100, 1, 0.01, 1),  # ceil(0.0003) = 1: at least one slot when there are tokens
     (5, 1, 1, 2.0, 10),    # one expert, factor 2 -> 10
     (0, 4, 2, 1.25, 0),    # no tokens -> no slots
+    # Exact boundaries, where floating point would round up past the integer:
+    (100, 2, 1, 1.1, 55),  # 1.1 * 100 / 2 = 55 exactly (in floats 110.00000000000001 / 2 -> 56)
+    (100, 4, 2, 1.1, 55),  # 1.1 * 200 / 4 = 55
+    (100, 8, 2, 2.2, 55),  # 2.2 * 200 / 8 = 55
+    (8, 2, 1, 1.25, 5),    # 1.25 * 8 / 2 = 5 exactly
+    (10, 5, 1, 0.5, 1),    # 0.5 * 10 / 5 = 1 exactly
+    (6, 3, 1, 2.0, 4),     # 2.0 * 6 / 3 = 4 exactly
+    (5, 2, 1, 2, 5),       # an int factor (YAML "2")
+    (3, 1, 1, 0.3333, 1),  # 0.9999 -> 1
+    (30000, 1, 1, 0.3333, 9999),   # 9999 exactly
+    (30001, 1, 1, 0.3333, 10000),  # 9999.3333 -> 10000
+    (1, 64, 1, 0.01, 1),   # ceil(0.00015625) = 1: at least one slot when there are tokens
 ])
 def test_expert_capacity_by_hand(T, E, K, factor, expected):
     assert expert_capacity(T, E, K, factor) == expected
+
+
+@pytest.mark.parametrize("T,E,factor,expected", [
+    (100, 2, 1.1, 55),     # 1.1 * 100 / 2 = 55 exactly, not 56
+    (4, 2, 1.0, 2),        # 4 / 2 = 2
+    (4, 3, 1.5, 2),        # 1.5 * 4 / 3 = 2 exactly
+    (10, 4, 1.25, 4),      # ceil(3.125) = 4
+    (8, 2, 1.25, 5),       # 5 exactly
+    (10, 5, 0.5, 1),       # 1 exactly
+    (9, 3, 0.3333, 1),     # 0.9999 -> 1
+    (30000, 1, 0.3333, 9999),  # exactly 9999, then capped at T does not bite
+    (1, 8, 1.0, 1),        # ceil(0.125) = 1: at least one token per expert
+    (4, 2, 4.0, 4),        # ceil(8) = 8 > T: an expert cannot take a token twice -> T
+    (4, 1, 1.25, 4),       # ceil(5) = 5 > T -> 4
+    (3, 1, 2.0, 3),        # 6 > T -> 3
+    (0, 4, 1.25, 0),       # no tokens -> nothing to choose
+])
+def test_expert_choice_capacity_by_hand(T, E, factor, expected):
+    assert expert_choice_capacity(T, E, factor) == expected
+
+
+@pytest.mark.parametrize("T,E,factor,needle", [
+    (-1, 4, 1.0, "T=-1"),
+    (4, 0, 1.0, "E=0"),
+    (4, 4, 0.0, "factor=0.0"),
+    (4, 4, -0.5, "factor=-0.5"),
+    (4, 4, float("nan"), "factor=nan"),
+    (4, 4, float("inf"), "factor=inf"),
+])
+def test_expert_choice_capacity_bad_inputs_raise_naming_them(T, E, factor, needle):
+    with pytest.raises(ValueError) as info:
+        expert_choice_capacity(T, E, factor)
+    msg = str(info.value)
+    assert needle in msg
+    for name in ("T=", "E=", "factor="):
+        assert name in msg
+
+
+@pytest.mark.parametrize("routing", ["token_choice", "expert_choice"])
+def test_route_capacity_is_exact(routing):
+    # T = 100, E = 2, K = 1, factor 1.1: both policies get 55 (floats would give 56)
+    x = torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
+    cfg = MoEConfig(num_experts=2, routing=routing, capacity_factor=1.1)
+    r = route(x, eye(2), text(100), cfg, training=True)
+    assert r.capacity == 55
+    assert int(torch.bincount(r.expert_A, minlength=2).max()) <= 55
 
 
 @pytest.mark.parametrize("T,E,K,factor,needle", [
@@ -141,6 +223,7 @@ def test_expert_capacity_by_hand(T, E, K, factor, expected):
     (4, 4, 1, 0.0, "factor=0.0"),
     (4, 4, 1, -1.5, "factor=-1.5"),
     (4, 4, 1, float("nan"), "factor=nan"),
+    (4, 4, 1, float("inf"), "factor=inf"),
 ])
 def test_expert_capacity_bad_inputs_raise_naming_them(T, E, K, factor, needle):
     with pytest.raises(ValueError) as info:
@@ -166,8 +249,8 @@ def test_eval_capacity_factor_changes_what_is_dropped():
     cfg = MoEConfig(num_experts=2, top_k=1, capacity_factor=1.0, eval_capacity_factor=2.0)
     train = route(x, eye(2), text(4), cfg, training=True)   # capacity 2 -> drops two
     evalr = route(x, eye(2), text(4), cfg, training=False)  # capacity 4 -> keeps all
-    assert train.keep_TK.sum().item() == 2
-    assert evalr.keep_TK.all()
+    assert tc(train).keep_TK.sum().item() == 2
+    assert tc(evalr).keep_TK.all()
 
 
 # ------------------------------------------------------------------ dropping order
@@ -180,10 +263,10 @@ def test_probability_policy_drops_lowest_probability_first():
     cfg = MoEConfig(num_experts=2, top_k=1, capacity_factor=1.0, drop_policy="probability")
     r = route(x, eye(2), text(4), cfg, training=True)
     assert r.capacity == 2
-    assert r.expert_TK.squeeze(1).tolist() == [0, 0, 0, 0]
-    assert r.keep_TK.squeeze(1).tolist() == [False, True, False, True]
+    assert tc(r).expert_TK.squeeze(1).tolist() == [0, 0, 0, 0]
+    assert tc(r).keep_TK.squeeze(1).tolist() == [False, True, False, True]
     # dropped assignments carry weight 0, kept ones their probability
-    torch.testing.assert_close(r.weight_TK.squeeze(1), torch.tensor([0.0, 0.9, 0.0, 0.8]))
+    torch.testing.assert_close(tc(r).weight_TK.squeeze(1), torch.tensor([0.0, 0.9, 0.0, 0.8]))
 
 
 def test_position_policy_drops_later_tokens_first():
@@ -196,8 +279,8 @@ def test_position_policy_drops_later_tokens_first():
     prob = route(x, eye(2), text(4),
                  MoEConfig(num_experts=2, capacity_factor=1.0, drop_policy="probability"),
                  training=True)
-    assert pos.keep_TK.squeeze(1).tolist() == [True, True, False, False]
-    assert prob.keep_TK.squeeze(1).tolist() == [False, False, True, True]
+    assert tc(pos).keep_TK.squeeze(1).tolist() == [True, True, False, False]
+    assert tc(prob).keep_TK.squeeze(1).tolist() == [False, False, True, True]
 
 
 def test_top2_first_choices_beat_second_choices():
@@ -210,11 +293,11 @@ def test_top2_first_choices_beat_second_choices():
     cfg = MoEConfig(num_experts=3, top_k=2, capacity_factor=0.5)
     r = route(x, eye(3), text(2), cfg, training=True)
     assert r.capacity == 1
-    assert r.expert_TK.tolist() == [[0, 1], [1, 2]]
-    assert r.keep_TK.tolist() == [[True, False], [True, True]]
+    assert tc(r).expert_TK.tolist() == [[0, 1], [1, 2]]
+    assert tc(r).keep_TK.tolist() == [[True, False], [True, True]]
     # weights are the renormalised top-2 probabilities, zeroed where dropped (no second
     # renormalisation): token 0: 0.50/0.95 = 0.526316, 0; token 1: 0.40/0.75, 0.35/0.75
-    torch.testing.assert_close(r.weight_TK,
+    torch.testing.assert_close(tc(r).weight_TK,
                                torch.tensor([[0.50 / 0.95, 0.0], [0.40 / 0.75, 0.35 / 0.75]]))
 
 
@@ -226,8 +309,8 @@ def test_top2_second_choices_ranked_by_probability_among_themselves():
     cfg = MoEConfig(num_experts=3, top_k=2, capacity_factor=0.75)
     r = route(x, eye(3), text(3), cfg, training=True)
     assert r.capacity == 2
-    assert r.expert_TK.tolist() == [[0, 1], [0, 1], [2, 1]]
-    assert r.keep_TK.tolist() == [[True, False], [True, True], [True, True]]
+    assert tc(r).expert_TK.tolist() == [[0, 1], [0, 1], [2, 1]]
+    assert tc(r).keep_TK.tolist() == [[True, False], [True, True], [True, True]]
 
 
 def test_batch_prioritized_images_text_first_then_images_by_top1():
@@ -243,8 +326,8 @@ def test_batch_prioritized_images_text_first_then_images_by_top1():
     plain = route(x, eye(2), mod, MoEConfig(num_experts=2, capacity_factor=1.0),
                   training=True)
     assert bpr.capacity == 3
-    assert bpr.keep_TK.squeeze(1).tolist() == [True, True, False, True, False]
-    assert plain.keep_TK.squeeze(1).tolist() == [True, False, True, False, True]
+    assert tc(bpr).keep_TK.squeeze(1).tolist() == [True, True, False, True, False]
+    assert tc(plain).keep_TK.squeeze(1).tolist() == [True, False, True, False, True]
 
 
 def test_batch_prioritized_images_rank_images_by_top1_even_under_position_policy():
@@ -255,7 +338,7 @@ def test_batch_prioritized_images_rank_images_by_top1_even_under_position_policy
     cfg = MoEConfig(num_experts=2, capacity_factor=1.0, drop_policy="position",
                     batch_prioritized_images=True)
     r = route(x, eye(2), mod, cfg, training=True)
-    assert r.keep_TK.squeeze(1).tolist() == [False, False, True, True]
+    assert tc(r).keep_TK.squeeze(1).tolist() == [False, False, True, True]
 
 
 def test_batch_prioritized_images_second_choice_scored_by_top1():
@@ -288,11 +371,11 @@ def test_dropless_keeps_everything():
     r = route(x, eye(2), text(6),
               MoEConfig(num_experts=2, dropless=True, capacity_factor=0.1), training=True)
     assert r.capacity is None
-    assert r.keep_TK.all()
-    torch.testing.assert_close(r.weight_TK, torch.full((6, 1), 0.9))
+    assert tc(r).keep_TK.all()
+    torch.testing.assert_close(tc(r).weight_TK, torch.full((6, 1), 0.9))
     dropping = route(x, eye(2), text(6), MoEConfig(num_experts=2, capacity_factor=0.1),
                      training=True)
-    assert not dropping.keep_TK.all()  # the same inputs do drop without dropless
+    assert not tc(dropping).keep_TK.all()  # the same inputs do drop without dropless
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -332,7 +415,7 @@ def test_noise_is_deterministic_given_seed_and_changes_with_seed():
     b = route(x, w, text(6), cfg, training=True, noise_seed=5)
     c = route(x, w, text(6), cfg, training=True, noise_seed=6)
     assert torch.equal(a.logits_TE, b.logits_TE)
-    assert torch.equal(a.expert_TK, b.expert_TK)
+    assert torch.equal(tc(a).expert_TK, tc(b).expert_TK)
     assert not torch.allclose(a.logits_TE, c.logits_TE)
     # exact formula: alpha * (x w^T + std * N(seed))
     want = 1.5 * (x @ w.t() + 1.0 * gate_noise((6, 4), 5))
@@ -376,5 +459,5 @@ def test_probs_are_softmax_of_scaled_logits_on_random_inputs():
     torch.testing.assert_close(r.probs_TE, torch.softmax(0.7 * (x @ w.t()), dim=-1))
     # chosen experts are the 3 most probable, best first
     sorted_idx = torch.argsort(r.probs_TE, dim=-1, descending=True)[:, :3]
-    assert torch.equal(r.expert_TK, sorted_idx)
-    assert math.isclose(float(r.weight_TK.sum()), 7.0, rel_tol=1e-6)
+    assert torch.equal(tc(r).expert_TK, sorted_idx)
+    assert math.isclose(float(tc(r).weight_TK.sum()), 7.0, rel_tol=1e-6)

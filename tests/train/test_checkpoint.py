@@ -8,43 +8,45 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from expertpar.train import train
-from expertpar.train.checkpoint import (CheckpointError, gather_tensors, latest_checkpoint,
-                                        param_slots, read_shards, restore_model, verify,
+from expertpar.app import train
+from expertpar.train.checkpoint import (CheckpointError, latest_checkpoint, read_shards, verify,
                                         write_checkpoint)
-from expertpar.train.optim import build_optimizer
+from expertpar.train.loop import dense_owner
+from expertpar.train.names import model_entries
 from expertpar.train.setup import build_model
 
 
-def _model_and_opt(synth_dir, tmp_path):
+def _model_and_owner(synth_dir, tmp_path):
     cfg = tiny_config(synth_dir, tmp_path)
     model = build_model(cfg, 64)
-    opt = build_optimizer(model.named_parameters(), cfg.train)
+    owner = dense_owner(model, cfg)
     # One real step so the optimizer has state to save.
     loss = sum(p.square().sum() for p in model.parameters())
     loss.backward()
-    opt.step()
-    return cfg, model, opt
+    owner.step(1e-3, 1.0)
+    return cfg, model, owner
 
 
 def test_shards_are_named_by_layer_and_expert(synth_dir, tmp_path):
-    cfg, model, opt = _model_and_opt(synth_dir, tmp_path)
-    files = {s.file for s in param_slots(model).values()}
+    cfg, model, owner = _model_and_owner(synth_dir, tmp_path)
+    files = {slot.file for slot, _ in model_entries(model)}
     assert files == {"dense.safetensors", "router.safetensors"} | {
         f"experts/L0_E{e}.safetensors" for e in range(4)}
-    shards = gather_tensors(model, opt)
+    shards = owner.export()
     assert set(shards["router.safetensors"]) == {
         "moe0.gate.w_ED", "moe0.gate.w_ED::exp_avg", "moe0.gate.w_ED::exp_avg_sq",
         "moe0.gate.w_ED::step"}
+    assert set(shards["experts/L0_E2.safetensors"]) >= {"fc1.weight", "fc2.bias::exp_avg"}
 
 
 def test_round_trip_restores_parameters_and_optimizer_state(synth_dir, tmp_path):
-    cfg, model, opt = _model_and_opt(synth_dir, tmp_path)
-    path = write_checkpoint(tmp_path / "ck", 1, gather_tensors(model, opt), train_state={},
+    cfg, model, owner = _model_and_owner(synth_dir, tmp_path)
+    path = write_checkpoint(tmp_path / "ck", 1, owner.export(), train_state={},
                             text_files={"config.yaml": "x: 1\n"})
     fresh = build_model(cfg, 64)
-    fresh_opt = build_optimizer(fresh.named_parameters(), cfg.train)
-    restore_model(fresh, read_shards(path), fresh_opt)
+    fresh_owner = dense_owner(fresh, cfg)
+    fresh_owner.load(read_shards(path), where=str(path))
+    opt, fresh_opt = owner.optimizer, fresh_owner.optimizer
     for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
         assert torch.equal(a, b), n
         for k in ("exp_avg", "exp_avg_sq", "step"):
@@ -52,10 +54,10 @@ def test_round_trip_restores_parameters_and_optimizer_state(synth_dir, tmp_path)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(synth_dir, tmp_path, caplog):
-    cfg, model, opt = _model_and_opt(synth_dir, tmp_path)
+    cfg, model, owner = _model_and_owner(synth_dir, tmp_path)
     root = tmp_path / "ck"
-    write_checkpoint(root, 1, gather_tensors(model, opt), train_state={}, text_files={})
-    newest = write_checkpoint(root, 2, gather_tensors(model, opt), train_state={},
+    write_checkpoint(root, 1, owner.export(), train_state={}, text_files={})
+    newest = write_checkpoint(root, 2, owner.export(), train_state={},
                               text_files={})
     assert latest_checkpoint(root) == newest
     (newest / "dense.safetensors").write_bytes(b"garbage")
@@ -70,10 +72,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(synth_dir, tmp_pat
 
 
 def test_keep_prunes_old_checkpoints_but_never_the_latest(synth_dir, tmp_path):
-    cfg, model, opt = _model_and_opt(synth_dir, tmp_path)
+    cfg, model, owner = _model_and_owner(synth_dir, tmp_path)
     root = tmp_path / "ck"
     for step in (1, 2, 3):
-        write_checkpoint(root, step, gather_tensors(model, opt), train_state={},
+        write_checkpoint(root, step, owner.export(), train_state={},
                          text_files={}, keep=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000003"]
     assert not list(root.glob(".tmp-*"))
@@ -81,9 +83,9 @@ def test_keep_prunes_old_checkpoints_but_never_the_latest(synth_dir, tmp_path):
 
 def test_no_resume_sets_the_earlier_run_aside(synth_dir, tmp_path):
     cfg = tiny_config(synth_dir, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2})
-    train(cfg, echo=lambda s: None)
+    train(cfg)
     again = tiny_config(synth_dir, tmp_path, **{"train.steps": 2, "train.checkpoint_every": 2})
-    result = train(again, resume=False, echo=lambda s: None)
+    result = train(again, resume=False)
     assert result.steps_done == 2 and len(result.losses) == 2
     aside = list(cfg.run_dir.glob("replaced-*"))
     assert len(aside) == 1
@@ -97,13 +99,13 @@ def test_no_resume_sets_the_earlier_run_aside(synth_dir, tmp_path):
 def test_batchnorm_statistics_of_the_cnn_stem_are_saved(synth_dir, tmp_path):
     cfg = tiny_config(synth_dir, tmp_path, **{"model.stem": "cnn"})
     model = build_model(cfg, 64)
-    opt = build_optimizer(model.named_parameters(), cfg.train)
+    owner = dense_owner(model, cfg)
     model.train()
     model.encode(torch.randn(4, 3, 32, 32) * 3 + 1)  # moves the running statistics
-    path = write_checkpoint(tmp_path / "ck", 1, gather_tensors(model, opt), train_state={},
+    path = write_checkpoint(tmp_path / "ck", 1, owner.export(), train_state={},
                             text_files={})
     fresh = build_model(cfg, 64)
-    restore_model(fresh, read_shards(path))
+    dense_owner(fresh, cfg).load(read_shards(path), where=str(path), optimizer_state=False)
     for (n, a), (_, b) in zip(model.named_buffers(), fresh.named_buffers()):
         assert torch.equal(a, b), n
     assert any("running_mean" in n for n, _ in model.named_buffers())

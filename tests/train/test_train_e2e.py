@@ -8,16 +8,16 @@ import random
 import pytest
 
 from conftest import tiny_config
-from expertpar.cli import main
+from expertpar.app.cli import main
 from expertpar.data import RawSample, iter_samples, write_webdataset
-from expertpar.train import train
+from expertpar.app import train
 from expertpar.train.metrics import read_metrics
 
 
 @pytest.mark.slow
 def test_loss_falls_and_zero_shot_beats_chance(synth_dir, tmp_path):
     cfg = tiny_config(synth_dir, tmp_path, **{"train.steps": 200, "train.eval_every": 0})
-    result = train(cfg, echo=lambda s: None)
+    result = train(cfg)
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
     assert last < 0.6 * first, (first, last)
     chance = result.eval["zero_shot/chance_top1"]
@@ -33,11 +33,11 @@ def test_loss_falls_and_zero_shot_beats_chance(synth_dir, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(synth_dir, tmp_path):
-    full = train(tiny_config(synth_dir, tmp_path / "a"), echo=lambda s: None)
+    full = train(tiny_config(synth_dir, tmp_path / "a"))
     cfg_b = tiny_config(synth_dir, tmp_path / "b")
-    first = train(cfg_b, stop_after=10, echo=lambda s: None)
+    first = train(cfg_b, stop_after=10)
     assert first.steps_done == 10
-    second = train(cfg_b, echo=lambda s: None)
+    second = train(cfg_b)
     assert len(second.losses) == 10
     assert first.losses + second.losses == pytest.approx(full.losses, rel=1e-6, abs=1e-7)
     # The metrics file holds each step once, as if the run had never stopped.
@@ -53,10 +53,10 @@ def test_resume_matches_uninterrupted_run(synth_dir, tmp_path):
 def test_resume_with_noisy_gating_and_top2(synth_dir, tmp_path):
     over = {"model.moe.noise_std": 0.5, "model.moe.top_k": 2, "train.steps": 12,
             "train.checkpoint_every": 6}
-    full = train(tiny_config(synth_dir, tmp_path / "a", **over), echo=lambda s: None)
+    full = train(tiny_config(synth_dir, tmp_path / "a", **over))
     cfg_b = tiny_config(synth_dir, tmp_path / "b", **over)
-    a = train(cfg_b, stop_after=6, echo=lambda s: None).losses
-    b = train(cfg_b, echo=lambda s: None).losses
+    a = train(cfg_b, stop_after=6).losses
+    b = train(cfg_b).losses
     assert a + b == pytest.approx(full.losses, rel=1e-6, abs=1e-7)
 
 
@@ -79,7 +79,7 @@ def test_bad_samples_are_skipped_and_counted(synth_dir, tmp_path):
     write_webdataset(samples, tmp_path / "shards", shard_size=1000)
     cfg = tiny_config(synth_dir, tmp_path / "run", **{"data.train": str(tmp_path / "shards"),
                                                       "train.steps": 4})
-    result = train(cfg, echo=lambda s: None)
+    result = train(cfg)
     assert result.steps_done == 4
     start = read_metrics(cfg.run_dir / "metrics.jsonl")[0]
     assert start["data/skipped/total"] == 3
@@ -96,8 +96,8 @@ def test_cli_train_eval_and_errors(synth_dir, tmp_path, capsys):
     job.write_text(dump_config(cfg))
     assert main(["train", str(job), "--set", "train.steps=6", "--set",
                  "model.moe.num_experts=8"]) == 0
-    out = capsys.readouterr().out
-    assert "run directory:" in out and "step      6/6" in out
+    err = capsys.readouterr().err  # progress and set-up lines are log lines, on stderr
+    assert "run directory:" in err and "step      6/6" in err
     saved = (cfg.run_dir / "config.yaml").read_text()
     assert "num_experts: 8" in saved
     assert main(["eval", str(cfg.run_dir)]) == 0

@@ -1,4 +1,9 @@
-"""Command line: ``expertpar train|eval|data``. ``main(argv)`` is callable from tests."""
+"""Command line: ``expertpar train|eval|bench|data``. ``main(argv)`` is callable from tests.
+
+Everything the package says goes through the ``expertpar`` logger to stderr (progress lines
+included): ``--quiet`` keeps warnings and errors only, ``--verbose`` adds debug detail, and a
+program that imports expertpar can silence or redirect it like any other logger. Standard output
+carries results only (``expertpar eval`` prints its metrics as JSON there)."""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +12,47 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from ..config import ConfigError
+
+log = logging.getLogger("expertpar")
+
+
+class _ConsoleFormat(logging.Formatter):
+    """Progress and results as plain lines; warnings and errors say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname}: {text}"
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (tests and notebooks replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def setup_console(level: int) -> None:
+    """The ``expertpar`` logger to stderr at ``level`` (once; later calls change the level)."""
+    log.setLevel(level)
+    if not any(getattr(h, "_expertpar_console", False) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_ConsoleFormat("%(message)s"))
+        handler._expertpar_console = True
+        log.addHandler(handler)
+        log.propagate = False
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="expertpar", description=__doc__)
+    p = argparse.ArgumentParser(prog="expertpar", description=__doc__.split("\n")[0])
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    level.add_argument("-v", "--verbose", action="store_true", help="debug detail too")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML job")
@@ -52,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from .config import load_config
-    from .train import train
+    from ..config import load_config
+    from . import train
 
     overrides = list(args.overrides)
     if args.address:
@@ -62,37 +103,38 @@ def _train(args) -> int:
         overrides.append("distributed.backend=local")
     cfg = load_config(args.config, overrides)
     result = train(cfg, resume=not args.no_resume)
-    print(f"run directory: {result.run_dir.resolve()}")
-    print(f"  metrics: {result.run_dir / 'metrics.jsonl'}\n  checkpoints: "
-          f"{result.run_dir / 'checkpoints'}\n  tokenizer: {result.run_dir / 'tokenizer.json'}")
+    run_dir = result.run_dir.resolve()
+    log.info("run directory: %s", run_dir)
+    log.info("  metrics: %s\n  checkpoints: %s\n  tokenizer: %s", run_dir / "metrics.jsonl",
+             run_dir / "checkpoints", run_dir / "tokenizer.json")
     if result.eval:
-        print(f"  eval: {result.run_dir / 'eval.json'}")
+        log.info("  eval: %s", run_dir / "eval.json")
     return 0
 
 
 def _eval(args) -> int:
-    from .evaluate_run import evaluate_run
+    from .evaluate import evaluate_run
 
     metrics = evaluate_run(Path(args.run_dir), data=args.data)
-    print(json.dumps(metrics, indent=1, sort_keys=True))
+    print(json.dumps(metrics, indent=1, sort_keys=True))  # the result itself, not a log line
     return 0
 
 
 def _bench(args) -> int:
+    from ..config import load_config
     from .bench import run_bench
-    from .config import load_config
 
     cfg = load_config(args.config, list(args.overrides) + ["distributed.backend=ray"])
     r = run_bench(cfg, Path(args.out), steps=args.steps)
-    print(f"in-process step {r['in_process_step_s'] * 1e3:.1f} ms | Ray path step "
-          f"{r['ray_step_s'] * 1e3:.1f} ms | ratio {r['ray_over_in_process']:.2f}x | "
-          f"{r['ray_calls_per_step_total']:.1f} Ray calls per step")
-    print(f"wrote {Path(args.out) / 'step_time.json'}")
+    log.info("in-process step %.1f ms | Ray path step %.1f ms | ratio %.2fx | %.1f Ray calls "
+             "per step", r["in_process_step_s"] * 1e3, r["ray_step_s"] * 1e3,
+             r["ray_over_in_process"], r["ray_calls_per_step_total"])
+    log.info("wrote %s", Path(args.out) / "step_time.json")
     return 0
 
 
 def _data(args) -> int:
-    from .data import convert_fashion_mnist, write_synthetic
+    from ..data import convert_fashion_mnist, write_synthetic
 
     if args.data_command == "synth":
         if args.n < 1:
@@ -102,18 +144,19 @@ def _data(args) -> int:
                               image_size=args.image_size)
     else:
         out = convert_fashion_mnist(args.out, source=args.source, limit=args.limit)
-    print(f"wrote {out}")
+    log.info("wrote %s", out)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_console(logging.WARNING if args.quiet else logging.DEBUG if args.verbose
+                  else logging.INFO)
     handler = {"train": _train, "eval": _eval, "data": _data, "bench": _bench}[args.command]
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"expertpar {args.command}: error: {err}", file=sys.stderr)
+        log.error("expertpar %s: error: %s", args.command, err)
         return 2
 
 

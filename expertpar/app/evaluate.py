@@ -1,14 +1,15 @@
-"""Evaluate a finished (or interrupted) run from its directory alone."""
+"""``expertpar eval``: evaluate a finished (or interrupted) run from its directory alone."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .config import load_config
-from .data import ImageTextDataset, find_dataset_info, load_tokenizer
-from .eval import evaluate
-from .train.checkpoint import CheckpointError, latest_checkpoint, read_shards, restore_model
-from .train.setup import model_for_tokenizer, pick_device
+from ..config import load_config
+from ..data import SampleIndex, load_tokenizer
+from ..eval import evaluate
+from ..train.checkpoint import CheckpointError, latest_checkpoint, read_shards, read_train_state
+from ..train.loop import dense_owner
+from ..train.setup import model_for_tokenizer, pick_device
 
 
 def evaluate_run(run_dir: Path, *, data: str | None = None) -> dict[str, float]:
@@ -24,11 +25,13 @@ def evaluate_run(run_dir: Path, *, data: str | None = None) -> dict[str, float]:
         raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}")
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model = model_for_tokenizer(cfg, tokenizer)
-    restore_model(model, read_shards(ckpt), where=str(ckpt))
+    # The in-process model holds every parameter: the whole checkpoint, no optimizer state.
+    dense_owner(model, cfg).load(read_shards(ckpt, verified=True), where=str(ckpt),
+                                 optimizer_state=False)
     device = pick_device(cfg.train.device)
-    ds = ImageTextDataset.load(source, max_samples=cfg.data.max_eval_samples)
-    metrics = {"step": json.loads((ckpt / "train_state.json").read_text())["step"],
-               **evaluate(model.to(device), ds, tokenizer, cfg, info=find_dataset_info(source),
+    index = SampleIndex.build(source, max_samples=cfg.data.max_eval_samples)
+    metrics = {"step": read_train_state(ckpt)["step"],
+               **evaluate(model.to(device), index, tokenizer, cfg, info=index.info,
                           device=device)}
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -1,0 +1,110 @@
+"""The Ray path's driver: attach to (or start) Ray, index the data, start the expert actors and
+the router, run the one training loop on Ray Train workers, stop every actor even on failure.
+
+Data never passes through here: the driver indexes the shards with Ray tasks (index rows only,
+no image bytes), and every worker streams its own batches from Ray Data.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import ray
+
+from ..config import Config
+from ..distributed.actors import start_moe_actors
+from ..distributed.data import build_index_on_ray, train_datasets
+from ..distributed.runtime import WorkerPayload, train_worker
+from ..train.checkpoint import latest_checkpoint
+from ..train.loop import TrainResult
+from ..train.setup import prepare_run
+
+log = logging.getLogger("expertpar")
+
+
+def ray_init(cfg: Config) -> bool:
+    """Attach to a cluster (distributed.address, else RAY_ADDRESS) or start an embedded Ray.
+
+    Returns True when this call started Ray (so the caller shuts it down).
+    """
+    if ray.is_initialized():
+        return False
+    address = cfg.distributed.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # Logical CPUs: enough for the workers, the expert actors and the Ray Data actors even
+        # on a 2-core machine (the OS shares the cores; Ray only counts).
+        need = (cfg.distributed.num_workers * (cfg.distributed.cpus_per_worker + 1)
+                + cfg.experts.num_actors * cfg.experts.cpus_per_actor + 2)
+        num_cpus = cfg.distributed.embedded_num_cpus or max(os.cpu_count() or 1, int(need + 0.5))
+        # The dashboard serves the state API that Ray Train's clean-up polls; it listens on
+        # 127.0.0.1 only.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
+    return True
+
+
+def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None) -> TrainResult:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    times = {}
+    t = time.perf_counter()
+    started = ray_init(cfg)
+    times["ray"] = time.perf_counter() - t
+    moe = None
+    try:
+        t = time.perf_counter()
+        spec, _ = prepare_run(cfg, resume=resume, stop_after=stop_after,
+                              build_index=build_index_on_ray)
+        times["data"] = time.perf_counter() - t
+        t = time.perf_counter()
+        moe = start_moe_actors(cfg, spec.resume_from)
+        times["actors"] = time.perf_counter() - t
+        run_dir = cfg.run_dir.resolve()
+        (run_dir / "ray_topology.json").write_text(json.dumps(
+            {"expert_actors": moe.infos, "num_workers": cfg.distributed.num_workers},
+            indent=1, default=str))
+        log.info("set-up %.1fs: Ray %.1fs, data index and tokenizer %.1fs, %d expert actors "
+                 "and the router %.1fs", sum(times.values()), times["ray"], times["data"],
+                 len(moe.actors), times["actors"])
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"payload": WorkerPayload(spec, moe.router,
+                                                        log.getEffectiveLevel())},
+            datasets=train_datasets(spec.train_location, cfg, spec.tokenizer_json,
+                                    start=spec.start, end=spec.end),
+            # Each worker reads its own dataset (its slice of every global batch, in order).
+            dataset_config=DataConfig(datasets_to_split=[]),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.distributed.num_workers, use_gpu=cfg.distributed.use_gpu,
+                resources_per_worker={"CPU": cfg.distributed.cpus_per_worker}),
+            run_config=RunConfig(
+                name=cfg.run.name, storage_path=str(run_dir / "ray_train"),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                # Ray Train must not restart workers on its own, not even after a preemption
+                # (its default retries those forever): a restarted worker would replay from
+                # the launch-time step while the actors keep their advanced state.
+                failure_config=FailureConfig(max_failures=0, max_preemption_failures=0,
+                                             controller_failure_limit=0)))
+        t_fit = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except Exception as err:
+            last = latest_checkpoint(run_dir / "checkpoints")
+            raise RuntimeError(
+                f"training failed: {moe.failure_summary()}. The last good checkpoint is "
+                f"{last or 'none'}; run the same command again to resume from it.") from err
+        log.info("training finished in %.1fs", time.perf_counter() - t_fit)
+        final = result.metrics or {}
+        return TrainResult(run_dir, spec.end, final.get("loss/total", float("nan")),
+                           final.get("eval", {}), final.get("losses", []))
+    finally:
+        if moe is not None:
+            moe.shutdown()
+        if started:
+            ray.shutdown()

@@ -1,0 +1,107 @@
+"""The Ray runtime of the training loop, on each Ray Train worker.
+
+The worker runs the dense model data-parallel; its MoE layers are bridges to the router actor,
+which owns the gates and speaks for the expert actors that own the experts. Batches stream from
+Ray Data through this worker's dataset shard. Everything else — schedule, logging, evaluation,
+checkpoints — is the one loop in train/loop.py.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import ray
+import ray.train
+import torch
+from tokenizers import Tokenizer
+
+from ..data import Batch
+from ..train.checkpoint import read_shards
+from ..train.loop import RunSpec, dense_owner, run
+from ..train.names import DENSE_FILE
+from ..train.setup import model_for_tokenizer, pick_device
+from ..train.step import SingleProcess, TorchDistributed
+from .bridge import RayBackend
+from .data import dataset_name, iter_worker_batches
+
+
+@dataclass(frozen=True)
+class WorkerPayload:
+    """What the driver hands every Ray Train worker (``train_loop_config["payload"]``)."""
+    spec: RunSpec
+    router: object  # the router actor's handle
+    log_level: int = logging.INFO
+
+
+class RemoteOwner:
+    """The gates and experts, as one parameter owner behind the router actor."""
+
+    def __init__(self, router, *, lead: bool):
+        self.router = router
+        self.lead = lead
+
+    def grad_norms(self, step: int) -> torch.Tensor:
+        return ray.get(self.router.grad_norms.remote(step))
+
+    def step(self, lr: float, clip_coef: float) -> None:
+        if self.lead:  # one worker tells the router; the step's barrier makes the rest wait
+            ray.get(self.router.step.remote(lr, clip_coef))
+
+    def zero_grad(self) -> None:
+        ray.get(self.router.zero_grad.remote())
+
+    def export(self) -> dict[str, dict[str, torch.Tensor]]:
+        return ray.get(self.router.export.remote())
+
+
+class RayRuntime:
+    def __init__(self, payload: WorkerPayload):
+        spec, cfg = payload.spec, payload.spec.cfg
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        self.cfg = cfg
+        self.device = pick_device(cfg.train.device)
+        self.comm = TorchDistributed() if world > 1 else SingleProcess()
+        tokenizer = Tokenizer.from_str(spec.tokenizer_json)
+        self.model = model_for_tokenizer(cfg, tokenizer, RayBackend(
+            payload.router, rank=rank, world_size=world)).to(self.device)
+        dense = dense_owner(self.model, cfg)
+        if spec.resume_from:
+            dense.load(read_shards(Path(spec.resume_from), [DENSE_FILE], verified=True),
+                       where=spec.resume_from)
+        self.owners = [dense, RemoteOwner(payload.router, lead=rank == 0)]
+        self.rank, self.world = rank, world
+
+    def batches(self, start: int, end: int) -> Iterator[Batch]:
+        shard = ray.train.get_dataset_shard(dataset_name(self.rank))
+        for batch in iter_worker_batches(shard, self.cfg, world=self.world):
+            if not start <= batch.step < end:
+                raise RuntimeError(f"worker {self.rank}: the data stream gave step {batch.step}"
+                                   f" outside this run's steps [{start}, {end})")
+            yield batch
+
+    def report(self, step: int, metrics: dict, checkpoint: Path | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_worker(config: dict) -> None:
+    """The function Ray Train runs on every worker: wiring only."""
+    payload: WorkerPayload = config["payload"]
+    _log_to_console(payload.log_level)
+    run(payload.spec, RayRuntime(payload))
+
+
+def _log_to_console(level: int) -> None:
+    # As in the driver, logs go to stderr; Ray Train tees a worker's sys.stdout/sys.stderr into
+    # its own log, which reaches the driver too, while the process's real stream reaches it once.
+    log = logging.getLogger("expertpar")
+    log.setLevel(level)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.__stderr__)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False

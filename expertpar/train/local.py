@@ -1,0 +1,39 @@
+"""The in-process runtime: the whole model here, one owner, batches read from the index."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from tokenizers import Tokenizer
+
+from ..config import Config
+from ..data import Batch, SampleIndex, train_batches
+from .checkpoint import read_shards
+from .loop import RunSpec, TrainResult, dense_owner, run
+from .setup import model_for_tokenizer, pick_device, prepare_run
+from .step import SingleProcess
+
+
+class LocalRuntime:
+    def __init__(self, spec: RunSpec, index: SampleIndex):
+        cfg = spec.cfg
+        self.cfg, self.index = cfg, index
+        self.tokenizer = Tokenizer.from_str(spec.tokenizer_json)
+        self.device = pick_device(cfg.train.device)
+        self.model = model_for_tokenizer(cfg, self.tokenizer).to(self.device)
+        self.owners = [dense_owner(self.model, cfg)]
+        self.comm = SingleProcess()
+        if spec.resume_from:
+            self.owners[0].load(read_shards(Path(spec.resume_from)), where=spec.resume_from)
+
+    def batches(self, start: int, end: int) -> Iterator[Batch]:
+        return train_batches(self.index, self.cfg, self.tokenizer, start=start, end=end)
+
+    def report(self, step: int, metrics: dict, checkpoint: Path | None) -> None:
+        pass  # metrics.jsonl and the checkpoint directory are all there is in process
+
+
+def train_local(cfg: Config, *, resume: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train as ``cfg`` says in this process; ``stop_after`` ends after that many steps."""
+    spec, index = prepare_run(cfg, resume=resume, stop_after=stop_after)
+    return run(spec, LocalRuntime(spec, index))
