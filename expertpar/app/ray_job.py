@@ -15,7 +15,7 @@ import ray
 
 from ..config import Config
 from ..distributed.actors import start_moe_actors
-from ..distributed.data import build_index_on_ray, train_datasets
+from ..distributed.data import build_index_on_ray, train_data_config, train_datasets
 from ..distributed.runtime import WorkerPayload, train_worker
 from ..train.checkpoint import latest_checkpoint
 from ..train.loop import TrainResult
@@ -32,7 +32,8 @@ def ray_init(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.distributed.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning",
+                                **forwarded_environment()}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -48,8 +49,17 @@ def ray_init(cfg: Config) -> bool:
     return True
 
 
+FORWARDED = ("AWS_", "GOOGLE_", "EXPERTPAR_")  # object-store credentials, endpoints, index cache
+
+
+def forwarded_environment() -> dict[str, str]:
+    """The driver's storage settings, for every Ray worker, actor and task: data on s3:// or
+    gs:// must be readable wherever Ray Data and the index scans run."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
+
+
 def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None) -> TrainResult:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     times = {}
@@ -79,7 +89,7 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
             datasets=train_datasets(spec.train_location, cfg, spec.tokenizer_json,
                                     start=spec.start, end=spec.end),
             # Each worker reads its own dataset (its slice of every global batch, in order).
-            dataset_config=DataConfig(datasets_to_split=[]),
+            dataset_config=train_data_config(),
             scaling_config=ScalingConfig(
                 num_workers=cfg.distributed.num_workers, use_gpu=cfg.distributed.use_gpu,
                 resources_per_worker={"CPU": cfg.distributed.cpus_per_worker}),

@@ -1,11 +1,12 @@
 """A dataset as an index of samples: where each valid sample's image lies, its caption and label.
 
 Built once per shard set (every sample validated, skips counted by reason) and cached next to
-the shards in ``<source dir>/.expertpar-index/<fingerprint>/``; the fingerprint covers the
-shard list with sizes and mtimes and the format version, so a changed shard means a new index,
-and max_samples is applied when opening, not part of it. Where that directory cannot be
-written, the index goes to ``$EXPERTPAR_CACHE_DIR/<fingerprint>`` or, without that variable,
-stays in memory (one warning says so). The files are described in `index_files.py`.
+the shards in ``<source dir>/.expertpar-index/<fingerprint>/``. The fingerprint covers the
+shard list with sizes, mtimes (and ETags on object stores) and the format version, so a
+changed shard means a new index; max_samples is applied when opening, not part of it. Where
+that directory cannot be written, the index goes to ``$EXPERTPAR_CACHE_DIR/<fingerprint>``
+or, without that variable, stays in memory (one warning says so). The files are described in
+`index_files.py`.
 
 An opened index is memory-mapped arrays: nothing per sample lives in Python objects, and
 images are read by byte offset when a batch asks for them.
@@ -118,7 +119,7 @@ class SampleIndex:
         """
         if max_samples is not None and max_samples < 0:
             raise ValueError(f"max_samples must be >= 0, got {max_samples}")
-        shards = storage.list_shard_stats(source)
+        shards = storage.with_etags(storage.list_shard_stats(source))
         fp = fingerprint(shards)
         candidates = [storage.join(storage.source_dir(source), INDEX_DIR, fp)]
         if os.environ.get(storage.CACHE_ENV):
@@ -215,7 +216,7 @@ class SampleIndex:
 
     @property
     def shards(self) -> list[str]:
-        return [uri for uri, _, _ in self.meta["shards"]]
+        return [shard[0] for shard in self.meta["shards"]]
 
     @cached_property
     def skipped(self) -> SkipStats:

@@ -4,7 +4,7 @@ A location (a directory or object-store prefix, usually ``<source dir>/.expertpa
 holds, all little-endian raw arrays so that opening is a memory map and memory stays flat as
 the corpus grows:
 
-    meta.json       format version, fingerprint, source, shards (uri, size, mtime), sizes, skips
+    meta.json       format version, fingerprint, source, shards (uri, size, mtime, etag), sizes, skips
     samples.bin     RECORD_DTYPE per valid sample (48 bytes): offset, size, label, text ends, file, ext
     captions.bin    UTF-8 captions back to back (a record holds where its caption ends)
     keys.bin        UTF-8 sample keys back to back
@@ -47,8 +47,9 @@ ARRAYS: dict[str, np.dtype] = {
 
 
 def fingerprint(shards: Iterable[storage.FileStat]) -> str:
-    """Identity of a shard set (URIs, sizes, mtimes) under this index format."""
-    record = {"format": FORMAT_VERSION, "shards": [[s.uri, s.size, s.mtime_ns] for s in shards]}
+    """Identity of a shard set (URIs, sizes, mtimes, ETags) under this index format."""
+    record = {"format": FORMAT_VERSION,
+              "shards": [[s.uri, s.size, s.mtime_ns, s.etag] for s in shards]}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -107,7 +108,7 @@ class IndexWriter:
     def meta(self, source: str, fp: str, shards: list[storage.FileStat]) -> dict:
         return {
             "format": FORMAT_VERSION, "fingerprint": fp, "source": source,
-            "shards": [[s.uri, s.size, s.mtime_ns] for s in shards],
+            "shards": [[s.uri, s.size, s.mtime_ns, s.etag] for s in shards],
             "count": self.count, "exts": list(self.exts),
             "sizes": {"samples.bin": self.count * RECORD_DTYPE.itemsize,
                       "captions.bin": self.caption_bytes, "keys.bin": self.key_bytes,

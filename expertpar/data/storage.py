@@ -21,7 +21,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import IO
 from urllib.parse import urlparse
@@ -34,15 +35,18 @@ REMOTE_SCHEMES = ("s3", "gs", "gcs")
 MANIFEST_SUFFIXES = (".csv", ".tsv")
 _GLOB_CHARS = set("*?[")
 _STREAM_BUFFER = 8 << 20  # one ranged GET per 8 MiB when streaming a remote object
+_HEAD_THREADS = 16  # concurrent metadata requests: each is a round trip, not bandwidth
 
 
 @dataclass(frozen=True)
 class FileStat:
-    """A file's identity for cache fingerprints: where it is, how big, when last written."""
+    """A file's identity for cache fingerprints: where it is, how big, when last written, and
+    (for object stores, whose mtimes have one-second resolution) its ETag."""
 
     uri: str
     size: int
     mtime_ns: int
+    etag: str = ""
 
 
 def scheme_of(uri: str | Path) -> str:
@@ -228,6 +232,26 @@ def _glob(pattern: str) -> list[FileStat]:
                 for p, w in zip(parts, wanted)):
             matches.append(_stat(prefix, info))
     return matches
+
+
+def _etag(uri: str) -> str:
+    filesystem, path = resolve(uri)
+    try:
+        with filesystem.open_input_file(path) as f:  # a HEAD request: no data is read
+            meta = f.metadata()
+    except OSError as exc:
+        raise OSError(f"cannot stat {uri}: {exc}") from exc
+    return (meta.get("ETag") or meta.get("etag") or b"").decode("ascii", errors="replace")
+
+
+def with_etags(stats: list[FileStat]) -> list[FileStat]:
+    """`stats` with the ETags of remote files (concurrent HEAD requests); local ones unchanged."""
+    remote = [s for s in stats if is_remote(s.uri)]
+    if not remote:
+        return stats
+    with ThreadPoolExecutor(_HEAD_THREADS) as pool:
+        etags = dict(zip((s.uri for s in remote), pool.map(_etag, [s.uri for s in remote])))
+    return [replace(s, etag=etags[s.uri]) if s.uri in etags else s for s in stats]
 
 
 def list_shard_stats(source: str | Path) -> list[FileStat]:
@@ -444,5 +468,5 @@ __all__ = [
     "is_file", "is_glob", "is_manifest", "is_remote", "join", "list_shard_stats", "list_shards",
     "local_copy", "normalize", "open_input", "open_output", "parent", "read_bytes",
     "read_bytes_if_file", "read_range", "remove", "resolve", "scheme_of", "scratch_root",
-    "source_dir", "stat", "write_bytes",
+    "source_dir", "stat", "with_etags", "write_bytes",
 ]

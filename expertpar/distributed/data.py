@@ -22,8 +22,8 @@ import numpy as np
 import ray
 import torch
 
-from ..data import (Batch, ImageTextDataset, SampleIndex, local_batch_size, make_batch,
-                    make_transform, steps_per_epoch, worker_indices)
+from ..data import (Batch, SampleIndex, local_batch_size, make_batch, steps_per_epoch,
+                    train_transform, worker_indices)
 from ..data.scan import ScannedFile
 
 _SCANS_PER_CPU = 2  # scan tasks kept in flight per cluster CPU: enough to hide stragglers
@@ -68,23 +68,19 @@ class _Prepare:
     batches at block boundaries); each step's rows go through make_batch together.
     """
 
-    def __init__(self, source, max_samples: int | None, n: int, start: int, rank: int,
-                 world: int, batch_size: int, seed: int, image_size: int, hflip: bool,
-                 tokenizer_json: str, context_length: int) -> None:
+    def __init__(self, location: str, cfg, n: int, start: int, rank: int, world: int,
+                 tokenizer_json: str) -> None:
         from tokenizers import Tokenizer
-        if isinstance(source, str):
-            self.data = SampleIndex.open(source, max_samples=max_samples)
-        else:  # [ObjectRef of StoredSample list]: the in-memory path job.py still uses
-            self.data = ImageTextDataset(ray.get(source[0]))
-        if len(self.data) != n:
-            raise ValueError(f"{source}: {len(self.data)} samples in this worker, {n} in the "
-                             f"driver; the index changed under the run")
+        self.index = SampleIndex.open(location, max_samples=cfg.data.max_train_samples)  # a memory map
+        if len(self.index) != n:
+            raise ValueError(f"sample index {location}: {len(self.index)} samples in this worker, "
+                             f"{n} in the driver")
         self.n, self.start, self.rank, self.world = n, start, rank, world
-        self.batch_size, self.seed = batch_size, seed
-        self.local = local_batch_size(batch_size, world)
-        self.transform = make_transform(image_size, train=True, hflip=hflip)
+        self.batch_size, self.seed = cfg.train.batch_size, cfg.run.seed
+        self.local = local_batch_size(self.batch_size, world)
+        self.transform = train_transform(cfg)
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
-        self.context_length = context_length
+        self.context_length = cfg.tokenizer.context_length
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = rows["id"].astype(np.int64)
@@ -96,7 +92,7 @@ class _Prepare:
             step = int(step_run[0])
             mine = worker_indices(self.n, self.batch_size, seed=self.seed, step=step,
                                   rank=self.rank, world=self.world)
-            parts.append(make_batch(self.data, [mine[j] for j in slot_run.tolist()], step=step,
+            parts.append(make_batch(self.index, [mine[j] for j in slot_run.tolist()], step=step,
                                     seed=self.seed, transform=self.transform,
                                     tokenizer=self.tokenizer, context_length=self.context_length))
         return {"step": steps,
@@ -105,17 +101,14 @@ class _Prepare:
                 "mask": torch.cat([p.mask_BL for p in parts]).numpy()}
 
 
-def _rank_dataset(source, n: int, cfg, tokenizer_json: str, *, start: int, end: int, rank: int,
-                  world: int, max_samples: int | None) -> ray.data.Dataset:
+def _rank_dataset(location: str, n: int, cfg, tokenizer_json: str, *, start: int, end: int,
+                  rank: int, world: int) -> ray.data.Dataset:
     local = local_batch_size(cfg.train.batch_size, world)
     ds = ray.data.range((end - start) * local)  # row ids, generated lazily in blocks
     return ds.map_batches(
         _Prepare, batch_size=local, concurrency=1, num_cpus=0.5,
-        fn_constructor_kwargs={
-            "source": source, "max_samples": max_samples, "n": n, "start": start, "rank": rank,
-            "world": world, "batch_size": cfg.train.batch_size, "seed": cfg.run.seed,
-            "image_size": cfg.data.image_size, "hflip": cfg.data.hflip,
-            "tokenizer_json": tokenizer_json, "context_length": cfg.tokenizer.context_length})
+        fn_constructor_kwargs={"location": location, "cfg": cfg, "n": n, "start": start,
+                               "rank": rank, "world": world, "tokenizer_json": tokenizer_json})
 
 
 def train_datasets(index_location: str, cfg, tokenizer_json: str, *, start: int,
@@ -128,12 +121,10 @@ def train_datasets(index_location: str, cfg, tokenizer_json: str, *, start: int,
         raise ValueError(f"need 0 <= start <= end, got start={start}, end={end}")
     quiet_data_context()
     world = cfg.distributed.num_workers
-    max_samples = cfg.data.max_train_samples
-    n = len(SampleIndex.open(index_location, max_samples=max_samples))
+    n = len(SampleIndex.open(index_location, max_samples=cfg.data.max_train_samples))
     steps_per_epoch(n, cfg.train.batch_size)  # fewer samples than a batch: fail here, not in a worker
     return {dataset_name(rank): _rank_dataset(index_location, n, cfg, tokenizer_json, start=start,
-                                              end=end, rank=rank, world=world,
-                                              max_samples=max_samples)
+                                              end=end, rank=rank, world=world)
             for rank in range(world)}
 
 
@@ -165,23 +156,3 @@ def iter_worker_batches(it, cfg, *, world: int) -> Iterator[Batch]:
         expected = step + 1
         yield Batch(step, _tensor(rows["images"]), _tensor(rows["ids"]),
                     _tensor(rows["mask"]).bool())
-
-
-# ---- the in-memory path distributed/job.py still uses; remove once it calls train_datasets ----
-
-def load_split(source: str, *, max_samples: int | None = None) -> ImageTextDataset:
-    """The whole split in the driver's memory (image bytes included), indexed on Ray."""
-    index = build_index_on_ray(source, max_samples=max_samples)
-    return ImageTextDataset([index.sample(i) for i in range(len(index))], index.skipped, index.info)
-
-
-def worker_stream(samples_ref, n: int, cfg, tokenizer_json: str, *, start: int, end: int,
-                  rank: int, world: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]]:
-    """(step, images_BCHW, ids_BL, mask_BL) per step for worker `rank`, from samples held in
-    the object store."""
-    quiet_data_context()
-    ds = _rank_dataset([samples_ref], n, cfg, tokenizer_json, start=start, end=end, rank=rank,
-                       world=world, max_samples=None)
-    for batch in iter_worker_batches(ds.iterator(), cfg, world=world):
-        yield batch.step, batch.images_BCHW, batch.ids_BL, batch.mask_BL

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data import ImageTextDataset, encode_captions
+from ..data import SampleIndex, encode_captions
 from ..moe import RoutingStats
 
 
@@ -19,7 +19,7 @@ class Embedded:
 
 
 @torch.no_grad()
-def embed_dataset(model, ds: ImageTextDataset, tokenizer, transform, *, context_length: int,
+def embed_dataset(model, ds: SampleIndex, tokenizer, transform, *, context_length: int,
                   batch_size: int, device: torch.device) -> Embedded:
     was_training = model.training
     model.eval()
@@ -37,7 +37,7 @@ def embed_dataset(model, ds: ImageTextDataset, tokenizer, transform, *, context_
                 stats[L] = stats[L] + s if L in stats else s
     finally:
         model.train(was_training)
-    return Embedded(torch.cat(images), torch.cat(texts), torch.cat(labels), ds.captions, stats)
+    return Embedded(torch.cat(images), torch.cat(texts), torch.cat(labels), list(ds.captions), stats)
 
 
 @torch.no_grad()

@@ -6,13 +6,13 @@ from functools import partial
 import torch
 
 from ..config import Config
-from ..data import DatasetInfo, ImageTextDataset, make_transform
+from ..data import DatasetInfo, SampleIndex, make_transform
 from .embed import embed_dataset, embed_texts
 from .retrieval import recall_at_k
 from .zeroshot import class_embeddings, zero_shot_accuracy
 
 
-def evaluate(model, ds: ImageTextDataset, tokenizer, cfg: Config, *,
+def evaluate(model, ds: SampleIndex, tokenizer, cfg: Config, *,
              info: DatasetInfo | None, device: torch.device) -> dict[str, float]:
     transform = make_transform(cfg.data.image_size, train=False)
     emb = embed_dataset(model, ds, tokenizer, transform, context_length=cfg.tokenizer.context_length,

@@ -98,10 +98,14 @@ def test_s3_index_and_batches_equal_local(s3, tmp_path: Path) -> None:
     assert Path(opened._records.filename).is_relative_to(tmp_path / "cache")
     assert torch.equal(opened.batch(idx, tf, seed=3)[0], want_batch[0])
 
-    # A changed shard in the bucket means a new index.
-    s3.upload_file(str(local / "train" / "shard-00000.tar"), BUCKET, "syn/train/shard-00001.tar")
+    # A changed shard in the bucket means a new index, even at the same size within the same
+    # second (S3 mtimes have one-second resolution; the ETag tells the versions apart).
+    data = bytearray((local / "train" / "shard-00001.tar").read_bytes())
+    data[remote.locate(12).offset + 40] ^= 0xFF  # inside the first image of shard 1
+    s3.put_object(Bucket=BUCKET, Key="syn/train/shard-00001.tar", Body=bytes(data))
     changed = SampleIndex.build(source, map_fn=counting)
     assert changed.location != remote.location and len(counting.files) == 8
+    assert changed.skipped.counts["corrupt_image"] == want.skipped.counts["corrupt_image"] + 1
 
 
 def test_s3_manifest_and_sequential_reading(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,15 +42,19 @@ def batch(synth_dir):
 ROUTINGS = ["token_choice", "expert_choice"]
 
 
+def routed(routing: str) -> dict:
+    """Top-2 token choice (the harder case for parity), or expert choice (top_k does not apply)."""
+    return {"model.moe.routing": routing, "model.moe.top_k": 2 if routing == "token_choice" else 1}
+
+
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("num_actors", [1, 2, 4])
 def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_path, batch,
                                                      num_actors, routing):
     tok, images, ids, mask = batch
-    cfg = tiny_config(synth_dir, tmp_path, **{
-        "model.moe.routing": routing,
+    cfg = tiny_config(synth_dir, tmp_path, **routed(routing), **{
         "distributed.backend": "ray", "experts.num_actors": num_actors,
-        "experts.cpus_per_actor": 0.5, "model.moe.top_k": 2, "model.moe.capacity_factor": 1.0,
+        "experts.cpus_per_actor": 0.5, "model.moe.capacity_factor": 1.0,
         "model.moe.noise_std": 0.3, "model.moe.local_entropy_weight": 0.01,
         "model.moe.global_entropy_weight": 0.01})
     local = build_model(cfg, vocab_size(tok))
@@ -128,8 +132,8 @@ def _tensors(run_dir):
 
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_two_workers_train_like_one_process(ray_local, synth_dir, tmp_path, routing):
-    common = {"train.steps": 5, "train.checkpoint_every": 5, "model.moe.top_k": 2,
-              "model.moe.capacity_factor": 1.0, "model.moe.routing": routing}
+    common = {"train.steps": 5, "train.checkpoint_every": 5, "model.moe.capacity_factor": 1.0,
+              **routed(routing)}
     ref = train(tiny_config(synth_dir, tmp_path / "local", **common))
     cfg = tiny_config(synth_dir, tmp_path / "ray", **common, **{
         "distributed.backend": "ray", "distributed.num_workers": 2, "experts.num_actors": 2,
