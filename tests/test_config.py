@@ -494,3 +494,21 @@ def test_dump_config_is_plain_yaml_with_lists():
     assert data["model"]["moe"]["num_experts"] == 4
     assert list(data) == [f.name for f in dataclasses.fields(Config)]
     assert list(data)[:6] == ["run", "data", "tokenizer", "model", "train", "eval"]
+
+
+@pytest.mark.parametrize("key, value", [
+    ("top_k", 2), ("dropless", True), ("drop_policy", "position"),
+    ("batch_prioritized_images", True)])
+def test_expert_choice_refuses_token_choice_knobs(key, value):
+    # Each would be silently ignored by expert choice, so it is refused with the key named.
+    with pytest.raises(ConfigError, match=rf"model\.moe\.{key}.*expert_choice"):
+        config_from_dict({"data": {"train": "x"},
+                          "model": {"moe": {"routing": "expert_choice", key: value}}})
+
+
+def test_expert_choice_accepts_its_own_knobs():
+    cfg = config_from_dict({"data": {"train": "x"}, "model": {"moe": {
+        "routing": "expert_choice", "capacity_factor": 2.0, "eval_capacity_factor": 3.0}}})
+    assert cfg.model.moe.routing == "expert_choice"
+    with pytest.raises(ConfigError, match="'model.moe.routing': 'experts_choice' is not one of"):
+        config_from_dict({"data": {"train": "x"}, "model": {"moe": {"routing": "experts_choice"}}})

@@ -7,6 +7,7 @@ router as the remote owner — driven from this process.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import statistics
@@ -31,6 +32,21 @@ def _median_step(model, owners, batches, cfg: Config, warmup: int) -> float:
                    SingleProcess(), cfg.train.grad_clip, cfg.train.lr)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[warmup:])
+
+
+def _pipeline_samples_per_s(location: str, cfg: Config, tokenizer_json: str, steps: int) -> float:
+    """Samples per second the Ray Data pipeline of one worker delivers on its own (the first
+    batch, which pays for starting the pipeline, is not counted)."""
+    from ..distributed.data import dataset_name, iter_worker_batches, train_datasets
+
+    ds = train_datasets(location, cfg, tokenizer_json, start=0, end=steps)[dataset_name(0)]
+    t0, n = None, 0
+    for batch in iter_worker_batches(ds.iterator(), cfg, world=1):
+        if t0 is None:
+            t0 = time.perf_counter()
+            continue
+        n += batch.images_BCHW.shape[0]
+    return n / (time.perf_counter() - t0)
 
 
 def run_bench(cfg: Config, out_dir: Path, *, steps: int = 30, warmup: int = 5) -> dict:
@@ -58,6 +74,10 @@ def run_bench(cfg: Config, out_dir: Path, *, steps: int = 30, warmup: int = 5) -
         ray.get(moe.router.call_counts.remote(reset=True))
         ray_s = _median_step(remote, owners, batches, cfg, warmup)
         calls = ray.get(moe.router.call_counts.remote())
+        one_worker = dataclasses.replace(cfg, distributed=dataclasses.replace(
+            cfg.distributed, num_workers=1))
+        delivered = _pipeline_samples_per_s(index.location, one_worker, tokenizer.to_str(),
+                                            steps)
     finally:
         moe.shutdown()
         if started:
@@ -77,6 +97,10 @@ def run_bench(cfg: Config, out_dir: Path, *, steps: int = 30, warmup: int = 5) -
         "ray_over_in_process": ray_s / local_s,
         "ray_calls_per_step": per_step,
         "ray_calls_per_step_total": sum(per_step.values()),
+        # One worker's Ray Data pipeline alone, against what one Ray-path training step eats.
+        "data_pipeline": {"delivered_samples_per_s": delivered,
+                          "consumed_samples_per_s": cfg.train.batch_size / ray_s,
+                          "headroom": delivered * ray_s / cfg.train.batch_size},
         "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},
         "config": config_to_dict(cfg),

@@ -45,7 +45,6 @@ def setup_console(level: int) -> None:
         handler.setFormatter(_ConsoleFormat("%(message)s"))
         handler._expertpar_console = True
         log.addHandler(handler)
-        log.propagate = False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,6 +128,10 @@ def _bench(args) -> int:
     log.info("in-process step %.1f ms | Ray path step %.1f ms | ratio %.2fx | %.1f Ray calls "
              "per step", r["in_process_step_s"] * 1e3, r["ray_step_s"] * 1e3,
              r["ray_over_in_process"], r["ray_calls_per_step_total"])
+    d = r["data_pipeline"]
+    log.info("data pipeline: delivers %.0f samples/s, training consumes %.0f samples/s "
+             "(%.1fx headroom)", d["delivered_samples_per_s"], d["consumed_samples_per_s"],
+             d["headroom"])
     log.info("wrote %s", Path(args.out) / "step_time.json")
     return 0
 

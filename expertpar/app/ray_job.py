@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 
 import ray
 
@@ -19,7 +22,7 @@ from ..distributed.data import build_index_on_ray, train_data_config, train_data
 from ..distributed.runtime import WorkerPayload, train_worker
 from ..train.checkpoint import latest_checkpoint
 from ..train.loop import TrainResult
-from ..train.setup import prepare_run
+from ..train.setup import open_run, prepare_run
 
 log = logging.getLogger("expertpar")
 
@@ -34,8 +37,12 @@ def ray_init(cfg: Config) -> bool:
     address = cfg.distributed.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning",
                                 **forwarded_environment()}}
+    # Ray's own messages stay in its log files (`--verbose` shows them); workers' progress
+    # lines reach the console through the driver (see relay_console).
+    quiet = dict(log_to_driver=False, logging_level=logging.DEBUG
+                 if log.getEffectiveLevel() <= logging.DEBUG else logging.ERROR)
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, **quiet)
     else:
         # Logical CPUs: enough for the workers, the expert actors and the Ray Data actors even
         # on a 2-core machine (the OS shares the cores; Ray only counts).
@@ -45,8 +52,37 @@ def ray_init(cfg: Config) -> bool:
         # The dashboard serves the state API that Ray Train's clean-up polls; it listens on
         # 127.0.0.1 only.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                 dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
+                 dashboard_host="127.0.0.1", runtime_env=runtime_env, **quiet)
     return True
+
+
+@contextmanager
+def relay_console():
+    """A queue the train workers log into, printed here by the driver's logger while the job
+    runs (so ``--quiet`` and log redirection work for worker lines too)."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                level, text = queue.get(timeout=0.2)
+            except Empty:
+                if done.is_set():
+                    return
+                continue
+            log.log(level, "%s", text)
+
+    thread = threading.Thread(target=drain, name="expertpar-console", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        ray.kill(queue.actor)
 
 
 FORWARDED = ("AWS_", "GOOGLE_", "EXPERTPAR_")  # object-store credentials, endpoints, index cache
@@ -62,29 +98,32 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    times = {}
-    t = time.perf_counter()
+    times: dict[str, float] = {}
+    stack, pool, starting = ExitStack(), ThreadPoolExecutor(1), None
+    t_setup = t = time.perf_counter()
     started = ray_init(cfg)
-    times["ray"] = time.perf_counter() - t
+    times["Ray"] = time.perf_counter() - t
     moe = None
     try:
+        ckpt = open_run(cfg, resume=resume)
+        # The actors start (processes, imports, their checkpoint shards) while the data is
+        # indexed: neither needs the other.
+        starting = pool.submit(_timed, start_moe_actors, cfg, str(ckpt) if ckpt else None)
         t = time.perf_counter()
-        spec, _ = prepare_run(cfg, resume=resume, stop_after=stop_after,
-                              build_index=build_index_on_ray)
-        times["data"] = time.perf_counter() - t
-        t = time.perf_counter()
-        moe = start_moe_actors(cfg, spec.resume_from)
-        times["actors"] = time.perf_counter() - t
+        spec, _ = prepare_run(cfg, ckpt, stop_after=stop_after, build_index=build_index_on_ray)
+        times["data index and tokenizer"] = time.perf_counter() - t
+        moe, seconds = starting.result()
+        times[f"{len(moe.actors)} expert actors and the router (overlapped)"] = seconds
         run_dir = cfg.run_dir.resolve()
         (run_dir / "ray_topology.json").write_text(json.dumps(
             {"expert_actors": moe.infos, "num_workers": cfg.distributed.num_workers},
             indent=1, default=str))
-        log.info("set-up %.1fs: Ray %.1fs, data index and tokenizer %.1fs, %d expert actors "
-                 "and the router %.1fs", sum(times.values()), times["ray"], times["data"],
-                 len(moe.actors), times["actors"])
+        console = stack.enter_context(relay_console())
+        times["total"] = time.perf_counter() - t_setup
+        log.info("set-up %s", ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"payload": WorkerPayload(spec, moe.router,
+            train_loop_config={"payload": WorkerPayload(spec, moe.router, console,
                                                         log.getEffectiveLevel())},
             datasets=train_datasets(spec.train_location, cfg, spec.tokenizer_json,
                                     start=spec.start, end=spec.end),
@@ -109,12 +148,22 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
             raise RuntimeError(
                 f"training failed: {moe.failure_summary()}. The last good checkpoint is "
                 f"{last or 'none'}; run the same command again to resume from it.") from err
+        stack.close()  # the console has printed every worker line before this one
         log.info("training finished in %.1fs", time.perf_counter() - t_fit)
         final = result.metrics or {}
         return TrainResult(run_dir, spec.end, final.get("loss/total", float("nan")),
                            final.get("eval", {}), final.get("losses", []))
     finally:
+        stack.close()
+        if moe is None and starting is not None and starting.exception() is None:
+            moe = starting.result()[0]  # set-up failed elsewhere; the actors still go
+        pool.shutdown()
         if moe is not None:
             moe.shutdown()
         if started:
             ray.shutdown()
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    return fn(*args), time.perf_counter() - t

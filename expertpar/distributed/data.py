@@ -106,7 +106,7 @@ def _rank_dataset(location: str, n: int, cfg, tokenizer_json: str, *, start: int
     local = local_batch_size(cfg.train.batch_size, world)
     ds = ray.data.range((end - start) * local)  # row ids, generated lazily in blocks
     return ds.map_batches(
-        _Prepare, batch_size=local, concurrency=1, num_cpus=0.5,
+        _Prepare, batch_size=local, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
         fn_constructor_kwargs={"location": location, "cfg": cfg, "n": n, "start": start,
                                "rank": rank, "world": world, "tokenizer_json": tokenizer_json})
 

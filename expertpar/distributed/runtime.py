@@ -8,7 +8,6 @@ checkpoints — is the one loop in train/loop.py.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +32,7 @@ class WorkerPayload:
     """What the driver hands every Ray Train worker (``train_loop_config["payload"]``)."""
     spec: RunSpec
     router: object  # the router actor's handle
+    console: object  # a ray.util.queue.Queue the driver prints from (see app/ray_job.py)
     log_level: int = logging.INFO
 
 
@@ -91,17 +91,31 @@ class RayRuntime:
 def train_worker(config: dict) -> None:
     """The function Ray Train runs on every worker: wiring only."""
     payload: WorkerPayload = config["payload"]
-    _log_to_console(payload.log_level)
+    _log_to_driver(payload.console, payload.log_level)
     run(payload.spec, RayRuntime(payload))
 
 
-def _log_to_console(level: int) -> None:
-    # As in the driver, logs go to stderr; Ray Train tees a worker's sys.stdout/sys.stderr into
-    # its own log, which reaches the driver too, while the process's real stream reaches it once.
+class ConsoleHandler(logging.Handler):
+    """Sends this worker's ``expertpar`` log records to the driver, which prints them as its
+    own: the user sees progress lines without Ray's per-process prefixes and chatter, which
+    stay in Ray's logs (the driver runs Ray with ``log_to_driver=False``)."""
+
+    def __init__(self, console):
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.put_nowait((record.levelno, self.format(record)))
+        except Exception:  # a full or lost console must never stop training  # noqa: BLE001
+            self.handleError(record)
+
+
+def _log_to_driver(console, level: int) -> None:
     log = logging.getLogger("expertpar")
     log.setLevel(level)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.__stderr__)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
+    for handler in list(log.handlers):
+        if isinstance(handler, ConsoleHandler):
+            log.removeHandler(handler)
+    log.addHandler(ConsoleHandler(console))
+    log.propagate = False

@@ -10,7 +10,7 @@ from ..config import Config
 from ..data import Batch, SampleIndex, train_batches
 from .checkpoint import read_shards
 from .loop import RunSpec, TrainResult, dense_owner, run
-from .setup import model_for_tokenizer, pick_device, prepare_run
+from .setup import model_for_tokenizer, open_run, pick_device, prepare_run
 from .step import SingleProcess
 
 
@@ -35,5 +35,5 @@ class LocalRuntime:
 
 def train_local(cfg: Config, *, resume: bool = True, stop_after: int | None = None) -> TrainResult:
     """Train as ``cfg`` says in this process; ``stop_after`` ends after that many steps."""
-    spec, index = prepare_run(cfg, resume=resume, stop_after=stop_after)
+    spec, index = prepare_run(cfg, open_run(cfg, resume=resume), stop_after=stop_after)
     return run(spec, LocalRuntime(spec, index))

@@ -52,16 +52,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_run(cfg: Config, *, resume: bool, stop_after: int | None,
-                build_index: IndexBuilder = SampleIndex.build) -> tuple[RunSpec, SampleIndex]:
-    """Index both splits (skipping bad samples), train or load the tokenizer, find the
-    checkpoint to resume from; returns the spec and the training index."""
+def open_run(cfg: Config, *, resume: bool) -> Path | None:
+    """Make the run directory (setting an earlier run aside without ``resume``) and find the
+    checkpoint to resume from: the first decision of a run, cheap, so the Ray driver can start
+    the expert actors from it while the data is indexed."""
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         set_aside_previous_run(run_dir)
+    return latest_checkpoint(run_dir / "checkpoints") if resume else None
+
+
+def prepare_run(cfg: Config, ckpt: Path | None, *, stop_after: int | None,
+                build_index: IndexBuilder = SampleIndex.build) -> tuple[RunSpec, SampleIndex]:
+    """Index both splits (skipping bad samples), train or load the tokenizer, and say which
+    steps to run; returns the spec every worker receives and the training index."""
+    run_dir = cfg.run_dir.resolve()
     seed_everything(cfg.run.seed)
-    t0 = time.perf_counter()
     train = build_index(cfg.data.train, max_samples=cfg.data.max_train_samples)
     if len(train) < cfg.train.batch_size:
         raise ValueError(f"data.train '{cfg.data.train}' has {len(train)} usable samples, fewer "
@@ -70,8 +77,6 @@ def prepare_run(cfg: Config, *, resume: bool, stop_after: int | None,
              if cfg.data.eval else None)
     info = (evald.info if evald is not None else None) or train.info
     tokenizer = load_tokenizer_for(cfg, run_dir, train.captions)
-    log.debug("data indexed and tokenizer ready in %.1fs", time.perf_counter() - t0)
-    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
     start = read_train_state(ckpt)["step"] if ckpt is not None else 0
     if ckpt is not None:
         log.info("resuming from %s at step %d", ckpt, start)

@@ -117,3 +117,14 @@ def test_python_dash_m_entry_point(tmp_path):
                           str(tmp_path / "d"), "--n", "20"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "d" / "dataset.json").exists()
+
+
+def test_quiet_keeps_only_warnings_and_the_result(synth_dir, tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    from expertpar.config import dump_config
+    job.write_text(dump_config(tiny_config(synth_dir, tmp_path, **{"train.steps": 2})))
+    assert main(["--quiet", "train", str(job)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "step" not in err and "run directory" not in err
+    assert main(["train", str(job), "--set", "train.steps=3"]) == 0  # the level is per call
+    assert "step      3/3" in capsys.readouterr().err
