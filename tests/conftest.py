@@ -1,10 +1,25 @@
 """Shared fixtures: small synthetic datasets and configs, made once per session."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from expertpar.config import config_from_dict
 from expertpar.data import write_synthetic
+
+
+@pytest.fixture(scope="session", autouse=True)
+def home_in_a_temporary_directory(tmp_path_factory):
+    """Tests never write into the real home: Ray 2.60 writes ~/.ray/auth_token on ray.init."""
+    real = os.environ.get("HOME")
+    os.environ["HOME"] = str(tmp_path_factory.mktemp("home"))
+    yield Path(os.environ["HOME"])
+    if real is None:
+        del os.environ["HOME"]
+    else:
+        os.environ["HOME"] = real
 
 
 @pytest.fixture(scope="session")

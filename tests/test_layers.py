@@ -132,3 +132,8 @@ def test_the_checker_catches_each_kind_of_violation(tmp_path, file, text, expect
 def test_the_checker_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert _cycles({"a": {"b"}, "b": {"c"}}) == []
+
+
+def test_tests_run_with_a_temporary_home(home_in_a_temporary_directory, tmp_path_factory):
+    assert Path.home() == home_in_a_temporary_directory
+    assert Path.home().is_relative_to(tmp_path_factory.getbasetemp())

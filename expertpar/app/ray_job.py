@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from functools import partial
 
 import ray
 
@@ -110,7 +111,9 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         # indexed: neither needs the other.
         starting = pool.submit(_timed, start_moe_actors, cfg, str(ckpt) if ckpt else None)
         t = time.perf_counter()
-        spec, _ = prepare_run(cfg, ckpt, stop_after=stop_after, build_index=build_index_on_ray)
+        build_index = partial(build_index_on_ray,
+                              max_in_flight=(os.cpu_count() or 1) if started else None)
+        spec, _ = prepare_run(cfg, ckpt, stop_after=stop_after, build_index=build_index)
         times["data index and tokenizer"] = time.perf_counter() - t
         moe, seconds = starting.result()
         times[f"{len(moe.actors)} expert actors and the router (overlapped)"] = seconds

@@ -16,6 +16,7 @@ dataset_config=train_data_config())``; each worker reads only its own.
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -37,10 +38,11 @@ def quiet_data_context() -> None:
     ctx.print_on_execution_start = False
 
 
-def _ray_map(func: Callable[[str], ScannedFile], uris: Iterable[str]) -> Iterator[ScannedFile]:
+def _ray_map(func: Callable[[str], ScannedFile], uris: Iterable[str], *,
+             max_in_flight: int | None = None) -> Iterator[ScannedFile]:
     """map(func, uris) as Ray tasks, results in input order, a bounded number in flight."""
     task = ray.remote(func)
-    window = max(1, _SCANS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
+    window = max_in_flight or max(1, _SCANS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
     for uri in uris:
         pending.append(task.remote(uri))
@@ -50,10 +52,17 @@ def _ray_map(func: Callable[[str], ScannedFile], uris: Iterable[str]) -> Iterato
         yield ray.get(pending.popleft())
 
 
-def build_index_on_ray(source: str, *, max_samples: int | None = None) -> SampleIndex:
+def build_index_on_ray(source: str, *, max_samples: int | None = None,
+                       max_in_flight: int | None = None) -> SampleIndex:
     """The source's SampleIndex, its shards scanned in Ray tasks (which may run on any node:
-    shard URIs are absolute). Only index rows and captions reach the driver."""
-    return SampleIndex.build(source, max_samples=max_samples, map_fn=_ray_map)
+    shard URIs are absolute). Only index rows and captions reach the driver.
+
+    ``max_in_flight`` caps the scans running at once (default: two per cluster CPU). An
+    embedded Ray counts more logical CPUs than the machine has cores, and every scan task that
+    runs at once needs a worker process of its own (started and importing torch), so there the
+    driver caps it at the core count and the few processes it starts are reused."""
+    return SampleIndex.build(source, max_samples=max_samples,
+                             map_fn=partial(_ray_map, max_in_flight=max_in_flight))
 
 
 def dataset_name(rank: int) -> str:

@@ -91,6 +91,8 @@ def head_node(tmp_path_factory):
     gcs, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
     env.update(HOME=str(home), RAY_AUTH_MODE="token")
+    # As from an activated virtualenv: `expertpar` and `ray` are on the PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     # A fresh machine has no token yet: make one, as a user would, in the temporary home.
     made = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True,
                           capture_output=True, text=True, timeout=120)
@@ -210,3 +212,40 @@ def test_job_submit_with_a_wrong_token_is_refused(head_node, tmp_path):
     assert out.returncode != 0, said[-3000:]
     assert "invalid authentication token" in said, said[-3000:]
     assert submission_id not in job_ids(head)
+
+
+def readme_submit_command() -> str:
+    """The `ray job submit` command of README.md, joined into one line."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("RAY_AUTH_MODE=token ray job submit")
+    block = readme[start:readme.index("```", start)]
+    return " ".join(line.strip().rstrip("\\").strip() for line in block.splitlines()
+                    if line.strip())
+
+
+def test_the_readme_submit_command_works_as_written_on_a_fresh_clone(head_node, tmp_path):
+    head = head_node
+    repo = Path(__file__).resolve().parents[2]
+    clone = tmp_path / "clone"
+    # A fresh clone: the files git tracks, nothing it ignores (no data/, no runs/, no .venv).
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=repo, check=True,
+                             capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, tracked):
+        if (repo / rel).is_file():
+            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / rel, clone / rel)
+    # What `make demo` made before it (smaller, same place).
+    from expertpar.data import write_synthetic
+    write_synthetic(clone / "data" / "synth", n_train=256, n_test=64, seed=0)
+    command = readme_submit_command()
+    assert "$PWD/data/synth/train" in command and "$PWD/runs" in command, command
+    command = command.replace("http://127.0.0.1:8265", head.url)
+    # Shorter than the quickstart's 600 steps; everything else as written.
+    command += " --set train.steps=2 --set train.eval_every=0"
+    out = subprocess.run(["bash", "-c", command], cwd=clone, env=head.env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "succeeded" in out.stdout.lower(), out.stdout[-4000:]
+    run_dir = clone / "runs" / "quickstart"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert json.loads((run_dir / "eval.json").read_text())["step"] == 2
