@@ -144,10 +144,16 @@ def test_two_workers_train_like_one_process(ray_local, synth_dir, tmp_path, rout
     assert got.losses == pytest.approx(ref.losses, rel=1e-5)
     a, b = _tensors(ref.run_dir), _tensors(got.run_dir)
     assert sorted(a) == sorted(b)
+    # Every parameter and AdamW moment at the design's 1e-5, relative per tensor
+    # (||got - want|| / ||want||); the worst seen is ~4.5e-6, an LN bias's first moment.
+    errors = {}
     for file in a:
         assert sorted(a[file]) == sorted(b[file]), file
         for key in a[file]:
-            assert rel_err(b[file][key].float(), a[file][key].float()) <= 1e-4, (file, key)
+            want, got_ = a[file][key].double(), b[file][key].double()
+            errors[(file, key)] = float((got_ - want).norm() / want.norm().clamp_min(1e-30))
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert max(errors.values()) <= 1e-5, worst
 
 
 def test_resume_with_other_actor_and_worker_counts(ray_local, synth_dir, tmp_path):
