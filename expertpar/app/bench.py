@@ -66,9 +66,9 @@ def run_bench(cfg: Config, out_dir: Path, *, steps: int = 30, warmup: int = 5) -
     local = build_model(cfg, vocab)
     local_s = _median_step(local, [dense_owner(local, cfg)], batches, cfg, warmup)
 
-    started = ray_init(cfg)
-    moe = start_moe_actors(cfg)
+    started, moe = ray_init(cfg), None
     try:
+        moe = start_moe_actors(cfg)
         remote = build_model(cfg, vocab, RayBackend(moe.router))
         owners = [dense_owner(remote, cfg), RemoteOwner(moe.router, lead=True)]
         ray.get(moe.router.call_counts.remote(reset=True))
@@ -79,7 +79,8 @@ def run_bench(cfg: Config, out_dir: Path, *, steps: int = 30, warmup: int = 5) -
         delivered = _pipeline_samples_per_s(index.location, one_worker, tokenizer.to_str(),
                                             steps)
     finally:
-        moe.shutdown()
+        if moe is not None:
+            moe.shutdown()
         if started:
             ray.shutdown()
     per_step = {k: v / steps for k, v in sorted(calls.items())}

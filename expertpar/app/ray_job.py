@@ -22,7 +22,7 @@ from ..distributed.actors import start_moe_actors
 from ..distributed.data import build_index_on_ray, train_data_config, train_datasets
 from ..distributed.runtime import WorkerPayload, train_worker
 from ..train.checkpoint import latest_checkpoint
-from ..train.loop import TrainResult
+from ..train.loop import TrainResult, nothing_to_do
 from ..train.setup import open_run, prepare_run
 
 log = logging.getLogger("expertpar")
@@ -74,6 +74,10 @@ def relay_console():
                 if done.is_set():
                     return
                 continue
+            except Exception as err:  # the queue actor is gone: say so, once  # noqa: BLE001
+                log.warning("the train workers' console was lost (%s); their lines are in "
+                            "Ray's logs", err)
+                return
             log.log(level, "%s", text)
 
     thread = threading.Thread(target=drain, name="expertpar-console", daemon=True)
@@ -113,7 +117,9 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         t = time.perf_counter()
         build_index = partial(build_index_on_ray,
                               max_in_flight=(os.cpu_count() or 1) if started else None)
-        spec, _ = prepare_run(cfg, ckpt, stop_after=stop_after, build_index=build_index)
+        spec, _, _ = prepare_run(cfg, ckpt, stop_after=stop_after, build_index=build_index)
+        if spec.start == spec.end:
+            return nothing_to_do(spec)
         times["data index and tokenizer"] = time.perf_counter() - t
         moe, seconds = starting.result()
         times[f"{len(moe.actors)} expert actors and the router (overlapped)"] = seconds
@@ -141,8 +147,10 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
                 # Ray Train must not restart workers on its own, not even after a preemption
                 # (its default retries those forever): a restarted worker would replay from
                 # the launch-time step while the actors keep their advanced state.
+                # Only a worker group that failed to start counts against the controller's
+                # limit (nothing has run then, so a retry is safe); a few, not forever.
                 failure_config=FailureConfig(max_failures=0, max_preemption_failures=0,
-                                             controller_failure_limit=0)))
+                                             controller_failure_limit=3)))
         t_fit = time.perf_counter()
         try:
             result = trainer.fit()
@@ -158,13 +166,15 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
                            final.get("eval", {}), final.get("losses", []))
     finally:
         stack.close()
-        if moe is None and starting is not None and starting.exception() is None:
-            moe = starting.result()[0]  # set-up failed elsewhere; the actors still go
-        pool.shutdown()
-        if moe is not None:
-            moe.shutdown()
-        if started:
-            ray.shutdown()
+        try:
+            if moe is None and starting is not None and starting.exception() is None:
+                moe = starting.result()[0]  # set-up failed elsewhere; the actors still go
+            pool.shutdown()
+            if moe is not None:
+                moe.shutdown()
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def _timed(fn, *args):

@@ -17,7 +17,7 @@ import ray.train
 import torch
 from tokenizers import Tokenizer
 
-from ..data import Batch
+from ..data import Batch, SampleIndex
 from ..train.checkpoint import read_shards
 from ..train.loop import RunSpec, dense_owner, run
 from ..train.names import DENSE_FILE
@@ -74,6 +74,7 @@ class RayRuntime:
                        where=spec.resume_from)
         self.owners = [dense, RemoteOwner(payload.router, lead=rank == 0)]
         self.rank, self.world = rank, world
+        self.eval_location = spec.eval_location
 
     def batches(self, start: int, end: int) -> Iterator[Batch]:
         shard = ray.train.get_dataset_shard(dataset_name(self.rank))
@@ -82,6 +83,9 @@ class RayRuntime:
                 raise RuntimeError(f"worker {self.rank}: the data stream gave step {batch.step}"
                                    f" outside this run's steps [{start}, {end})")
             yield batch
+
+    def eval_data(self) -> SampleIndex | None:
+        return SampleIndex.open(self.eval_location) if self.eval_location else None
 
     def report(self, step: int, metrics: dict, checkpoint: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None

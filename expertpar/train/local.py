@@ -9,15 +9,15 @@ from tokenizers import Tokenizer
 from ..config import Config
 from ..data import Batch, SampleIndex, train_batches
 from .checkpoint import read_shards
-from .loop import RunSpec, TrainResult, dense_owner, run
+from .loop import RunSpec, TrainResult, dense_owner, nothing_to_do, run
 from .setup import model_for_tokenizer, open_run, pick_device, prepare_run
 from .step import SingleProcess
 
 
 class LocalRuntime:
-    def __init__(self, spec: RunSpec, index: SampleIndex):
+    def __init__(self, spec: RunSpec, index: SampleIndex, evald: SampleIndex | None = None):
         cfg = spec.cfg
-        self.cfg, self.index = cfg, index
+        self.cfg, self.index, self.evald = cfg, index, evald
         self.tokenizer = Tokenizer.from_str(spec.tokenizer_json)
         self.device = pick_device(cfg.train.device)
         self.model = model_for_tokenizer(cfg, self.tokenizer).to(self.device)
@@ -29,11 +29,16 @@ class LocalRuntime:
     def batches(self, start: int, end: int) -> Iterator[Batch]:
         return train_batches(self.index, self.cfg, self.tokenizer, start=start, end=end)
 
+    def eval_data(self) -> SampleIndex | None:
+        return self.evald  # the object itself: an index kept in memory has no location to open
+
     def report(self, step: int, metrics: dict, checkpoint: Path | None) -> None:
         pass  # metrics.jsonl and the checkpoint directory are all there is in process
 
 
 def train_local(cfg: Config, *, resume: bool = True, stop_after: int | None = None) -> TrainResult:
     """Train as ``cfg`` says in this process; ``stop_after`` ends after that many steps."""
-    spec, index = prepare_run(cfg, open_run(cfg, resume=resume), stop_after=stop_after)
-    return run(spec, LocalRuntime(spec, index))
+    spec, index, evald = prepare_run(cfg, open_run(cfg, resume=resume), stop_after=stop_after)
+    if spec.start == spec.end:
+        return nothing_to_do(spec)
+    return run(spec, LocalRuntime(spec, index, evald))

@@ -68,6 +68,10 @@ class Runtime(Protocol):
         """This process's share of every global batch from ``start`` to ``end``, in order."""
         ...
 
+    def eval_data(self) -> SampleIndex | None:
+        """The held-out split, on the lead worker (None: no evaluation)."""
+        ...
+
     def report(self, step: int, metrics: dict, checkpoint: Path | None) -> None:
         """Called by every worker at each checkpoint (Ray Train's report is a barrier)."""
         ...
@@ -83,7 +87,7 @@ def run(spec: RunSpec, rt: Runtime) -> TrainResult:
     if lead:
         metrics_log.write({"step": spec.start, "event": "start", **spec.skipped,
                            "data/train_samples": spec.train_samples, "train/workers": rt.comm.world})
-    eval_data = SampleIndex.open(spec.eval_location) if lead and spec.eval_location else None
+    eval_data = rt.eval_data() if lead and spec.eval_location else None
     model, device = rt.model, rt.device
 
     losses, eval_metrics, loss = [], {}, float("nan")
@@ -134,7 +138,18 @@ def run(spec: RunSpec, rt: Runtime) -> TrainResult:
                 report.update({"losses": losses, "eval": eval_metrics})
             rt.report(done, report, path)
         t0 = time.perf_counter()
+    if len(losses) != spec.end - spec.start:
+        raise RuntimeError(f"the data stream ended after {len(losses)} of the steps "
+                           f"{spec.start}..{spec.end - 1}; the last checkpoint is the run's state")
     return TrainResult(run_dir, spec.end, loss, eval_metrics, losses)
+
+
+def nothing_to_do(spec: RunSpec) -> TrainResult:
+    """A resumed run whose checkpoint is already at its last step."""
+    log.info("nothing to train: the checkpoint %s is at step %d of %d (raise train.steps to go "
+             "on, or start over with --no-resume)", spec.resume_from, spec.start,
+             spec.cfg.train.steps)
+    return TrainResult(Path(spec.run_dir), spec.start, float("nan"), {}, [])
 
 
 def save(spec: RunSpec, step: int, owners: list[Owner]) -> Path:

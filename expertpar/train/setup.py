@@ -64,9 +64,10 @@ def open_run(cfg: Config, *, resume: bool) -> Path | None:
 
 
 def prepare_run(cfg: Config, ckpt: Path | None, *, stop_after: int | None,
-                build_index: IndexBuilder = SampleIndex.build) -> tuple[RunSpec, SampleIndex]:
+                build_index: IndexBuilder = SampleIndex.build
+                ) -> tuple[RunSpec, SampleIndex, SampleIndex | None]:
     """Index both splits (skipping bad samples), train or load the tokenizer, and say which
-    steps to run; returns the spec every worker receives and the training index."""
+    steps to run; returns the spec every worker receives and both splits' indexes."""
     run_dir = cfg.run_dir.resolve()
     seed_everything(cfg.run.seed)
     train = build_index(cfg.data.train, max_samples=cfg.data.max_train_samples)
@@ -78,6 +79,10 @@ def prepare_run(cfg: Config, ckpt: Path | None, *, stop_after: int | None,
     info = (evald.info if evald is not None else None) or train.info
     tokenizer = load_tokenizer_for(cfg, run_dir, train.captions)
     start = read_train_state(ckpt)["step"] if ckpt is not None else 0
+    if start > cfg.train.steps:
+        raise ValueError(f"config key 'train.steps': {cfg.train.steps} is below the step of the "
+                         f"checkpoint to resume from ({ckpt}, step {start}); raise it, or start "
+                         f"over with --no-resume")
     if ckpt is not None:
         log.info("resuming from %s at step %d", ckpt, start)
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
@@ -87,7 +92,7 @@ def prepare_run(cfg: Config, ckpt: Path | None, *, stop_after: int | None,
                    train_samples=len(train), skipped=train.skipped.as_metrics(),
                    eval_location=evald.location if evald is not None else None, info=info,
                    resume_from=str(ckpt) if ckpt is not None else None)
-    return spec, train
+    return spec, train, evald
 
 
 def load_tokenizer_for(cfg: Config, run_dir: Path, captions):

@@ -128,3 +128,25 @@ def test_quiet_keeps_only_warnings_and_the_result(synth_dir, tmp_path, capsys):
     assert out == "" and "step" not in err and "run directory" not in err
     assert main(["train", str(job), "--set", "train.steps=3"]) == 0  # the level is per call
     assert "step      3/3" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_trains_nothing_and_fewer_steps_are_refused(synth_dir, tmp_path):
+    cfg = tiny_config(synth_dir, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2})
+    train(cfg)
+    again = train(cfg)
+    assert again.steps_done == 4 and again.losses == []
+    with pytest.raises(ValueError, match=r"train\.steps.*below the step of the checkpoint"):
+        train(tiny_config(synth_dir, tmp_path, **{"train.steps": 3}))
+
+
+def test_an_eval_split_indexed_in_memory_still_evaluates(synth_dir, tmp_path, monkeypatch):
+    # A held-out split whose directory cannot hold the index (here a file is in the way) and no
+    # EXPERTPAR_CACHE_DIR: the index stays in memory, and the loop evaluates on it.
+    import shutil
+    evald = tmp_path / "eval"
+    shutil.copytree(synth_dir / "test", evald, ignore=shutil.ignore_patterns(".expertpar-index"))
+    (evald / ".expertpar-index").write_text("in the way")
+    monkeypatch.delenv("EXPERTPAR_CACHE_DIR", raising=False)
+    cfg = tiny_config(synth_dir, tmp_path, **{"data.eval": str(evald), "train.steps": 2})
+    result = train(cfg)
+    assert result.eval["eval/samples"] == 400
