@@ -128,7 +128,7 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    variant: Literal["moe", "dense"] = "moe"  # dense: same active parameters per token
+    variant: Literal["moe", "dense"] = "moe"  # dense: FFNs of top_k*expert_hidden where MoE layers were (same active FFN parameters per token)
     towers: Literal["shared", "separate"] = "shared"  # LIMoE one tower, or CLIP two towers
     stem: Literal["patch", "conv", "cnn"] = "patch"  # patch: ViT patch embedding; conv: 3x3 convs; cnn: ResNet-18 stem
     patch_size: int = 4  # patch side for the patch stem
