@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from .catalog import DatasetInfo, find_dataset_info
-from .errors import SKIP_REASONS, SampleError
+from .errors import SampleError, SkipStats
 from .formats import iter_samples
 from .images import Transform, apply_transform, decode_image
-from .sample import RawSample
+from .sample import RawSample, checked_caption, label_of
 
 logger = logging.getLogger("expertpar")
 
@@ -28,59 +28,10 @@ def combine_seed(seed: int, index: int) -> int:
     return (seed * _SEED_MULT + index) % _SEED_MOD
 
 
-@dataclass
-class SkipStats:
-    """Counts of skipped samples by reason."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def add(self, reason: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-
-    def as_metrics(self, prefix: str = "data/skipped/") -> dict[str, int]:
-        """`{prefix}{reason}` for every known reason (0 if none) plus `{prefix}total`."""
-        metrics = {f"{prefix}{reason}": self.counts.get(reason, 0) for reason in SKIP_REASONS}
-        metrics.update({f"{prefix}{reason}": n for reason, n in self.counts.items()})
-        metrics[f"{prefix}total"] = self.total
-        return metrics
-
-
-def checked_caption(key: str, caption: str | None, *, has_image: bool) -> str:
-    """The stripped caption, or SampleError for what is checked before decoding the image.
-
-    The order (image present, caption present, caption non-empty, then the image decodes)
-    decides which reason a sample with several faults is counted under.
-    """
-    if not has_image:
-        raise SampleError("missing_image", f"sample {key!r}: no image")
-    if caption is None:
-        raise SampleError("missing_caption", f"sample {key!r}: no caption")
-    caption = caption.strip()
-    if not caption:
-        raise SampleError("empty_caption", f"sample {key!r}: caption is empty")
-    return caption
-
-
 def validate_sample(raw: RawSample) -> tuple[Image.Image, str]:
     """Decoded RGB image and stripped caption, or SampleError naming why not."""
     caption = checked_caption(raw.key, raw.caption, has_image=raw.image is not None)
     return decode_image(raw.image, key=raw.key), caption  # type: ignore[arg-type]
-
-
-def label_of(key: str, meta: dict) -> int:
-    """The integer `label` of a sample's metadata, -1 when absent or not an integer."""
-    value = meta.get("label")
-    if value is None or isinstance(value, bool):
-        return -1
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        logger.warning("sample %r: label %r is not an integer; using -1", key, value)
-        return -1
 
 
 class StoredSample(NamedTuple):

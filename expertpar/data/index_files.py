@@ -32,7 +32,7 @@ from typing import IO
 import numpy as np
 
 from . import storage
-from .dataset import SkipStats
+from .errors import SkipStats
 from .scan import RECORD_DTYPE, SKIP_DTYPE, ScannedFile
 
 logger = logging.getLogger("expertpar")

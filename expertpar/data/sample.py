@@ -1,7 +1,12 @@
 """The raw (undecoded) sample record shared by every on-disk format."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+from .errors import SampleError
+
+logger = logging.getLogger("expertpar")
 
 # Image member extensions recognised in shards and manifests (lowercase, no dot).
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
@@ -20,3 +25,31 @@ class RawSample:
     image_ext: str | None
     caption: str | None
     meta: dict = field(default_factory=dict)
+
+
+def checked_caption(key: str, caption: str | None, *, has_image: bool) -> str:
+    """The stripped caption, or SampleError for what is checked before decoding the image.
+
+    The order (image present, caption present, caption non-empty, then the image decodes)
+    decides which reason a sample with several faults is counted under.
+    """
+    if not has_image:
+        raise SampleError("missing_image", f"sample {key!r}: no image")
+    if caption is None:
+        raise SampleError("missing_caption", f"sample {key!r}: no caption")
+    caption = caption.strip()
+    if not caption:
+        raise SampleError("empty_caption", f"sample {key!r}: caption is empty")
+    return caption
+
+
+def label_of(key: str, meta: dict) -> int:
+    """The integer `label` of a sample's metadata, -1 when absent or not an integer."""
+    value = meta.get("label")
+    if value is None or isinstance(value, bool):
+        return -1
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        logger.warning("sample %r: label %r is not an integer; using -1", key, value)
+        return -1

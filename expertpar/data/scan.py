@@ -18,11 +18,11 @@ from typing import NamedTuple
 import numpy as np
 
 from . import storage
-from .dataset import SkipStats, checked_caption, label_of
+from .errors import SkipStats
 from .errors import SKIP_REASONS, SampleError
-from .images import decode_image
+from .decode import decode_image
 from .manifest import iter_manifest_rows
-from .sample import IMAGE_EXTS
+from .sample import IMAGE_EXTS, checked_caption, label_of
 from .webdataset import (TEXT_EXTS, caption_and_meta, check_not_truncated, compression_of,
                          first_image_ext, member_key)
 
