@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,10 @@ def ray_init(cfg: Config) -> bool:
     """
     if ray.is_initialized():
         return False
+    if not sys.stderr.isatty():
+        # Ray colours the prefix of the few lines it prints itself (the raylet's warnings);
+        # colour codes belong on a terminal only.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = cfg.distributed.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning",
                                 **forwarded_environment()}}
