@@ -64,3 +64,14 @@ def write_manifest_dir(root: Path) -> Path:
                         "img/2.png,  ,3\n"
                         "img/3.png,a pink square,\n")
     return manifest
+
+
+class CountingMap:
+    """A map_fn that records the files it is asked to scan (to see a cache hit)."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+
+    def __call__(self, func, uris):
+        self.files += list(uris)
+        return map(func, uris)

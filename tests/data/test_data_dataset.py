@@ -1,7 +1,6 @@
 """Tests for ImageTextDataset (validation, skipping, batching) and step-indexed batch order."""
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tarfile
@@ -9,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+
+from shard_helpers import add_member, png
 
 from expertpar.data.dataset import (
     ImageTextDataset,
@@ -24,34 +24,22 @@ from expertpar.data.images import make_transform
 from expertpar.data.synthetic import write_synthetic
 
 
-def _png(colour: tuple[int, int, int], size: int = 20) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture()
 def messy_shard(tmp_path: Path) -> Path:
     shard = tmp_path / "messy" / "shard-00000.tar"
     shard.parent.mkdir()
     with tarfile.open(shard, "w") as tar:
         for i in range(4):  # good samples
-            _add(tar, f"good{i}.png", _png((60 * i, 0, 0)))
-            _add(tar, f"good{i}.json", json.dumps({"caption": f"red number {i}", "label": i}).encode())
-        _add(tar, "corrupt.jpg", b"\xff\xd8\xff\xe0 definitely not a jpeg")
-        _add(tar, "corrupt.txt", b"a caption")
-        _add(tar, "empty.png", _png((1, 2, 3)))
-        _add(tar, "empty.txt", b"   \n")
-        _add(tar, "nocap.png", _png((1, 2, 3)))
-        _add(tar, "nocap.json", json.dumps({"label": 3}).encode())
-        _add(tar, "good9.png", _png((0, 0, 200)))
-        _add(tar, "good9.txt", b"a blue square without label")
+            add_member(tar, f"good{i}.png", png((60 * i, 0, 0)))
+            add_member(tar, f"good{i}.json", json.dumps({"caption": f"red number {i}", "label": i}).encode())
+        add_member(tar, "corrupt.jpg", b"\xff\xd8\xff\xe0 definitely not a jpeg")
+        add_member(tar, "corrupt.txt", b"a caption")
+        add_member(tar, "empty.png", png((1, 2, 3)))
+        add_member(tar, "empty.txt", b"   \n")
+        add_member(tar, "nocap.png", png((1, 2, 3)))
+        add_member(tar, "nocap.json", json.dumps({"label": 3}).encode())
+        add_member(tar, "good9.png", png((0, 0, 200)))
+        add_member(tar, "good9.txt", b"a blue square without label")
     return shard
 
 
@@ -75,7 +63,7 @@ def test_load_max_samples(messy_shard: Path) -> None:
 
 
 def test_validate_sample_reasons() -> None:
-    good = _png((10, 20, 30))
+    good = png((10, 20, 30))
     cases = {
         "missing_image": RawSample("k", None, None, "cap"),
         "missing_caption": RawSample("k", good, "png", None),
@@ -143,14 +131,14 @@ def test_batch_indices_errors() -> None:
 
 
 def test_manifest_source_with_missing_image(tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(_png((9, 9, 9)))
+    (tmp_path / "a.png").write_bytes(png((9, 9, 9)))
     (tmp_path / "list.csv").write_text("filepath,caption,label\na.png,a grey square,4\ngone.png,lost,1\n")
     ds = ImageTextDataset.load(tmp_path / "list.csv")
     assert len(ds) == 1 and ds.labels.tolist() == [4] and ds.skipped.counts == {"missing_image": 1}
 
 
 def test_written_shards_load(tmp_path: Path) -> None:
-    samples = [RawSample(f"k{i}", _png((i, i, i)), "png", f"grey {i}", {"label": i}) for i in range(3)]
+    samples = [RawSample(f"k{i}", png((i, i, i)), "png", f"grey {i}", {"label": i}) for i in range(3)]
     write_webdataset(samples, tmp_path)
     ds = ImageTextDataset.load(tmp_path)
     assert ds.captions == ["grey 0", "grey 1", "grey 2"] and ds.skipped.total == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shard_helpers import png, write_manifest_dir, write_messy_shard
+from shard_helpers import CountingMap, png, write_manifest_dir, write_messy_shard
 
 from expertpar.data.dataset import ImageTextDataset
 from expertpar.data.formats import RawSample, iter_samples, write_webdataset
@@ -27,15 +27,6 @@ def _no_cache_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EXPERTPAR_CACHE_DIR", raising=False)
 
 
-class CountingMap:
-    """A map_fn that counts the files it is asked to scan."""
-
-    def __init__(self) -> None:
-        self.files: list[str] = []
-
-    def __call__(self, func, uris):
-        self.files += list(uris)
-        return map(func, uris)
 
 
 def _valid(source) -> list[RawSample]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shard_helpers import write_manifest_dir, write_messy_shard
+from shard_helpers import CountingMap, write_manifest_dir, write_messy_shard
 
 from expertpar.data import SampleIndex, iter_samples, make_transform, write_synthetic
 from expertpar.data import storage
@@ -59,13 +59,6 @@ def _upload(client, local_dir: Path, prefix: str) -> None:
             client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(local_dir).as_posix()}")
 
 
-class CountingMap:
-    def __init__(self) -> None:
-        self.files: list[str] = []
-
-    def __call__(self, func, uris):
-        self.files += list(uris)
-        return map(func, uris)
 
 
 def test_s3_index_and_batches_equal_local(s3, tmp_path: Path) -> None:
