@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from functools import partial
 
 import ray
@@ -109,7 +109,7 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
     from ray.train.torch import TorchTrainer
 
     times: dict[str, float] = {}
-    stack, pool, starting = ExitStack(), ThreadPoolExecutor(1), None
+    pool, starting = ThreadPoolExecutor(1), None
     t_setup = t = time.perf_counter()
     started = ray_init(cfg)
     times["Ray"] = time.perf_counter() - t
@@ -132,45 +132,44 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         (run_dir / "ray_topology.json").write_text(json.dumps(
             {"expert_actors": moe.infos, "num_workers": cfg.distributed.num_workers},
             indent=1, default=str))
-        console = stack.enter_context(relay_console())
         times["total"] = time.perf_counter() - t_setup
         log.info("set-up %s", ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"payload": WorkerPayload(spec, moe.router, console,
-                                                        log.getEffectiveLevel())},
-            datasets=train_datasets(spec.train_location, cfg, spec.tokenizer_json,
-                                    start=spec.start, end=spec.end),
-            # Each worker reads its own dataset (its slice of every global batch, in order).
-            dataset_config=train_data_config(),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.distributed.num_workers, use_gpu=cfg.distributed.use_gpu,
-                resources_per_worker={"CPU": cfg.distributed.cpus_per_worker}),
-            run_config=RunConfig(
-                name=cfg.run.name, storage_path=str(run_dir / "ray_train"),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                # Ray Train must not restart workers on its own, not even after a preemption
-                # (its default retries those forever): a restarted worker would replay from
-                # the launch-time step while the actors keep their advanced state.
-                # Only a worker group that failed to start counts against the controller's
-                # limit (nothing has run then, so a retry is safe); a few, not forever.
-                failure_config=FailureConfig(max_failures=0, max_preemption_failures=0,
-                                             controller_failure_limit=3)))
-        t_fit = time.perf_counter()
-        try:
-            result = trainer.fit()
-        except Exception as err:
-            last = latest_checkpoint(run_dir / "checkpoints")
-            raise RuntimeError(
-                f"training failed: {moe.failure_summary()}. The last good checkpoint is "
-                f"{last or 'none'}; run the same command again to resume from it.") from err
-        stack.close()  # the console has printed every worker line before this one
+        # Leaving the block prints every worker line still queued, before the lines below.
+        with relay_console() as console:
+            trainer = TorchTrainer(
+                train_worker,
+                train_loop_config={"payload": WorkerPayload(spec, moe.router, console,
+                                                            log.getEffectiveLevel())},
+                datasets=train_datasets(spec.train_location, cfg, spec.tokenizer_json,
+                                        start=spec.start, end=spec.end),
+                # Each worker reads its own dataset (its slice of every global batch, in order).
+                dataset_config=train_data_config(),
+                scaling_config=ScalingConfig(
+                    num_workers=cfg.distributed.num_workers, use_gpu=cfg.distributed.use_gpu,
+                    resources_per_worker={"CPU": cfg.distributed.cpus_per_worker}),
+                run_config=RunConfig(
+                    name=cfg.run.name, storage_path=str(run_dir / "ray_train"),
+                    checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                    # Ray Train must not restart workers on its own, not even after a preemption
+                    # (its default retries those forever): a restarted worker would replay from
+                    # the launch-time step while the actors keep their advanced state.
+                    # Only a worker group that failed to start counts against the controller's
+                    # limit (nothing has run then, so a retry is safe); a few, not forever.
+                    failure_config=FailureConfig(max_failures=0, max_preemption_failures=0,
+                                                 controller_failure_limit=3)))
+            t_fit = time.perf_counter()
+            try:
+                result = trainer.fit()
+            except Exception as err:
+                last = latest_checkpoint(run_dir / "checkpoints")
+                raise RuntimeError(
+                    f"training failed: {moe.failure_summary()}. The last good checkpoint is "
+                    f"{last or 'none'}; run the same command again to resume from it.") from err
         log.info("training finished in %.1fs", time.perf_counter() - t_fit)
         final = result.metrics or {}
         return TrainResult(run_dir, spec.end, final.get("loss/total", float("nan")),
                            final.get("eval", {}), final.get("losses", []))
     finally:
-        stack.close()
         try:
             if moe is None and starting is not None and starting.exception() is None:
                 moe = starting.result()[0]  # set-up failed elsewhere; the actors still go

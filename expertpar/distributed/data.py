@@ -80,7 +80,7 @@ class _Prepare:
     def __init__(self, location: str, cfg, n: int, start: int, rank: int, world: int,
                  tokenizer_json: str) -> None:
         from tokenizers import Tokenizer
-        self.index = SampleIndex.open(location, max_samples=cfg.data.max_train_samples)  # a memory map
+        self.index = SampleIndex.open(location)  # a memory map; the location carries any limit
         if len(self.index) != n:
             raise ValueError(f"sample index {location}: {len(self.index)} samples in this worker, "
                              f"{n} in the driver")
@@ -124,13 +124,14 @@ def train_datasets(index_location: str, cfg, tokenizer_json: str, *, start: int,
                    end: int) -> dict[str, ray.data.Dataset]:
     """One lazy dataset per Ray Train worker rank (`dataset_name(rank)`), steps [start, end).
 
-    `cfg.data.max_train_samples` truncates the index as `SampleIndex.build` did in the driver.
+    `index_location` is `SampleIndex.location`, which carries the max_samples limit the driver
+    built the index with.
     """
     if not 0 <= start <= end:
         raise ValueError(f"need 0 <= start <= end, got start={start}, end={end}")
     quiet_data_context()
     world = cfg.distributed.num_workers
-    n = len(SampleIndex.open(index_location, max_samples=cfg.data.max_train_samples))
+    n = len(SampleIndex.open(index_location))
     steps_per_epoch(n, cfg.train.batch_size)  # fewer samples than a batch: fail here, not in a worker
     return {dataset_name(rank): _rank_dataset(index_location, n, cfg, tokenizer_json, start=start,
                                               end=end, rank=rank, world=world)

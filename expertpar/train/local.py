@@ -24,7 +24,9 @@ class LocalRuntime:
         self.owners = [dense_owner(self.model, cfg)]
         self.comm = SingleProcess()
         if spec.resume_from:
-            self.owners[0].load(read_shards(Path(spec.resume_from)), where=spec.resume_from)
+            # open_run verified the checkpoint when it chose it
+            self.owners[0].load(read_shards(Path(spec.resume_from), verified=True),
+                                where=spec.resume_from)
 
     def batches(self, start: int, end: int) -> Iterator[Batch]:
         return train_batches(self.index, self.cfg, self.tokenizer, start=start, end=end)

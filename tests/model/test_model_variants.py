@@ -102,13 +102,19 @@ def test_separate_towers_route_each_modality_through_its_own_tower():
 TIGHT = {"moe.capacity_factor": 0.5, "moe.eval_capacity_factor": 0.5}
 
 
-def test_changing_text_never_changes_the_image_embedding_with_two_towers():
-    model = make_model(make_cfg(towers="separate", **TIGHT)).train()
+def encode_with_two_caption_batches(model):
+    """The same images encoded with two different caption batches: (a, b, images, ids, mask)."""
     images, ids, mask = batch(0)
     _, other_ids, other_mask = batch(1)
     other_ids = (other_ids + 7) % VOCAB * other_mask
     a = model.encode(images, ids, mask, RouteContext(step=3))
     b = model.encode(images, other_ids, other_mask.flip(0), RouteContext(step=3))
+    return a, b, images, ids, mask
+
+
+def test_changing_text_never_changes_the_image_embedding_with_two_towers():
+    model = make_model(make_cfg(towers="separate", **TIGHT)).train()
+    a, b, images, ids, mask = encode_with_two_caption_batches(model)
     assert not torch.equal(a.text_BE, b.text_BE)
     assert torch.equal(a.image_BE, b.image_BE)
     # images alone give the same image embedding as images with captions
@@ -122,11 +128,7 @@ def test_changing_text_never_changes_the_image_embedding_with_two_towers():
 def test_shared_tower_image_embedding_does_depend_on_the_text_batch():
     # The control for the test above: one tower, one joint routing over both modalities.
     model = make_model(make_cfg(**TIGHT)).train()
-    images, ids, mask = batch(0)
-    _, other_ids, other_mask = batch(1)
-    other_ids = (other_ids + 7) % VOCAB * other_mask
-    a = model.encode(images, ids, mask, RouteContext(step=3))
-    b = model.encode(images, other_ids, other_mask.flip(0), RouteContext(step=3))
+    a, b, *_ = encode_with_two_caption_batches(model)
     assert not torch.equal(a.image_BE, b.image_BE)
 
 
