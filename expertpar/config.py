@@ -213,11 +213,16 @@ class DistributedConfig:
     use_gpu: bool = False  # one GPU per train worker
     cpus_per_worker: float = 1.0  # CPUs reserved per train worker
     embedded_num_cpus: Optional[int] = None  # logical CPUs of an embedded Ray (null: enough)
+    # torch threads of a train worker's dense part; null: its node's cores shared by the
+    # workers there (Ray's OMP_NUM_THREADS=1 would starve it while the expert actors idle)
+    threads_per_worker: Optional[int] = None
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
         if self.num_workers < 1:
             bad.append(("num_workers", "must be >= 1"))
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            bad.append(("threads_per_worker", "must be >= 1 or null"))
         if self.cpus_per_worker < 0:
             bad.append(("cpus_per_worker", "must be >= 0"))
         if self.embedded_num_cpus is not None and self.embedded_num_cpus < 1:
@@ -232,11 +237,20 @@ class ExpertsConfig:
     gpus_per_actor: float = 0.0  # fractional shares allowed, e.g. 0.25
     placement: Literal["spread", "pack"] = "spread"  # placement-group strategy over nodes
     router_cpus: float = 0.0  # the router only gates and moves tokens; experts compute
+    # torch threads of the router; null: its node's cores (it works while the others wait)
+    router_threads: Optional[int] = None
+    # torch threads of an expert actor; null: its node's cores shared by the actors there
+    threads_per_actor: Optional[int] = None
+    # same-node token batches through shared-memory buffers (false: Ray's object store)
+    shared_memory: bool = True
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
         if self.num_actors < 1:
             bad.append(("num_actors", "must be >= 1"))
+        for key in ("router_threads", "threads_per_actor"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                bad.append((key, "must be >= 1 or null"))
         for key in ("cpus_per_actor", "gpus_per_actor", "router_cpus"):
             if getattr(self, key) < 0:
                 bad.append((key, "must be >= 0"))
@@ -286,6 +300,10 @@ class Config:
                                        self.model.moe.num_experts)
             if problem:
                 bad.append(("experts.num_actors", problem))
+        if self.distributed.use_gpu and self.train.device == "cpu":
+            bad.append(("distributed.use_gpu", "is true but train.device is 'cpu': the workers "
+                        "would hold a GPU and not use it; set train.device: cuda (or auto), "
+                        "or use_gpu: false"))
         return bad
 
     @property

@@ -1,17 +1,31 @@
-"""``expertpar bench``: step time of the Ray path against the in-process path, side by side.
+"""``expertpar bench``: the Ray path against the in-process path, side by side, in one run.
 
-Both paths run the same training step (train/step.py) on the same batches in this one run (this
-machine is noisy, so only ratios measured together mean anything). The Ray path is timed in its
-steady state, with one train worker's runtime — model with remote MoE layers, dense owner, the
-router as the remote owner — driven from this process.
+This machine is noisy, so only ratios measured together mean anything. One run measures:
+
+1. the reference MoE layer (d 512, expert hidden 2048, 8 experts, top-2, capacity 1.25, 8192
+   tokens; forward, backward, clipped AdamW step) with its experts on 2 and on 4 actors, and
+   on 2 actors through Ray's object store instead of shared memory (``experts.shared_memory``);
+2. the job's model (``make bench``: the quickstart), a whole training step (train/step.py);
+3. Ray calls per step: the worker's calls in a row, against the 2L + 1 target;
+4. transport: bytes the MoE layer moves per step over the seconds spent moving them, against
+   a memcpy of as many bytes in this run;
+5. one forward of 64 tokens through the reference layer, both paths;
+6. growth of the step time with tokens per step, experts (fixed top-k) and expert actors;
+7. the Ray Data pipeline of one worker against what training consumes.
+
+It writes ``results.json``, ``results.md`` (the table README quotes) and ``growth.png``.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import logging
+import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +36,29 @@ from ..moe import RouteContext
 from ..train.loop import dense_owner
 from ..train.setup import build_model, load_tokenizer_for
 from ..train.step import SingleProcess, train_step
+from . import bench_moe
+from .bench_moe import LayerSpec
+from .plot import line_panels
+
+log = logging.getLogger("expertpar")
+
+TARGETS = {"reference_ratio": 1.10, "quickstart_ratio": 1.30,
+           "transport_fraction_of_memcpy": 0.5, "small_batch_forward_ms": 2.0}
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What to measure; the defaults are the full bench (under 12 minutes on 2 cores)."""
+    reference: LayerSpec = LayerSpec()
+    layer_steps: int = 3
+    layer_warmup: int = 1
+    # Growth runs a quarter-size layer (d 256, hidden 1024): still expert-bound, 4x faster.
+    growth: LayerSpec = LayerSpec(dim=256, hidden=1024)
+    growth_tokens: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768)
+    growth_experts: tuple[int, ...] = (4, 8, 16, 32)
+    growth_actors: tuple[int, ...] = (1, 2, 4)
+    model_steps: int = 30
+    model_warmup: int = 5
 
 
 def _median_step(model, owners, batches, cfg: Config, warmup: int) -> float:
@@ -31,6 +68,8 @@ def _median_step(model, owners, batches, cfg: Config, warmup: int) -> float:
         train_step(model, batch, RouteContext(cfg.run.seed, batch.step), owners,
                    SingleProcess(), cfg.train.grad_clip, cfg.train.lr)
         times.append(time.perf_counter() - t0)
+    for owner in owners:
+        getattr(owner, "settle", lambda: None)()
     return statistics.median(times[warmup:])
 
 
@@ -49,62 +88,224 @@ def _pipeline_samples_per_s(location: str, cfg: Config, tokenizer_json: str, ste
     return n / (time.perf_counter() - t0)
 
 
-def run_bench(cfg: Config, out_dir: Path, *, steps: int = 30, warmup: int = 5) -> dict:
+def model_step(cfg: Config, out_dir: Path, steps: int, warmup: int) -> dict:
+    """The job's model: a whole training step in process and through the Ray path."""
     import ray
 
     from ..distributed.actors import start_moe_actors
     from ..distributed.bridge import RayBackend
     from ..distributed.runtime import RemoteOwner
-    from .ray_job import ray_init
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     index = SampleIndex.build(cfg.data.train, max_samples=cfg.data.max_train_samples)
     tokenizer = load_tokenizer_for(cfg, out_dir, index.captions)
     vocab = tokenizer.get_vocab_size()
     batches = list(train_batches(index, cfg, tokenizer, start=0, end=steps))
-
     local = build_model(cfg, vocab)
     local_s = _median_step(local, [dense_owner(local, cfg)], batches, cfg, warmup)
-
-    started, moe = ray_init(cfg), None
+    moe = start_moe_actors(cfg)
     try:
-        moe = start_moe_actors(cfg)
-        remote = build_model(cfg, vocab, RayBackend(moe.router))
-        owners = [dense_owner(remote, cfg), RemoteOwner(moe.router, lead=True)]
+        backend = RayBackend(moe.router)
+        remote = build_model(cfg, vocab, backend)
+        owners = [dense_owner(remote, cfg), RemoteOwner(backend, lead=True)]
+        _median_step(remote, owners, batches[:warmup], cfg, 0)
         ray.get(moe.router.call_counts.remote(reset=True))
-        ray_s = _median_step(remote, owners, batches, cfg, warmup)
+        ray_s = _median_step(remote, owners, batches[warmup:], cfg, 0)
         calls = ray.get(moe.router.call_counts.remote())
-        one_worker = dataclasses.replace(cfg, distributed=dataclasses.replace(
-            cfg.distributed, num_workers=1))
-        delivered = _pipeline_samples_per_s(index.location, one_worker, tokenizer.to_str(),
-                                            steps)
     finally:
-        if moe is not None:
-            moe.shutdown()
-        if started:
-            ray.shutdown()
-    per_step = {k: v / steps for k, v in sorted(calls.items())}
+        moe.shutdown()
+    timed = steps - warmup
+    per_step = {k: v / timed for k, v in sorted(calls.items())}
+    one_worker = dataclasses.replace(cfg, distributed=dataclasses.replace(
+        cfg.distributed, num_workers=1))
+    delivered = _pipeline_samples_per_s(index.location, one_worker, tokenizer.to_str(), steps)
     first = batches[0]
     tokens = first.images_BCHW.shape[0] * local.image_stem.num_tokens + int(first.mask_BL.sum())
-    result = {
+    L = cfg.num_moe_layers
+    return {
         "model": {"dim": cfg.model.dim, "depth": cfg.model.depth,
                   "experts": cfg.model.moe.num_experts, "top_k": cfg.model.moe.top_k,
-                  "moe_layers": cfg.num_moe_layers, "batch_size": cfg.train.batch_size,
-                  "tokens_per_step": tokens},
-        "expert_actors": cfg.experts.num_actors,
-        "steps_timed": steps - warmup,
-        "in_process_step_s": local_s,
-        "ray_step_s": ray_s,
-        "ray_over_in_process": ray_s / local_s,
-        "ray_calls_per_step": per_step,
-        "ray_calls_per_step_total": sum(per_step.values()),
-        # One worker's Ray Data pipeline alone, against what one Ray-path training step eats.
+                  "moe_layers": L, "batch_size": cfg.train.batch_size,
+                  "tokens_per_step": tokens, "expert_actors": cfg.experts.num_actors},
+        "steps_timed": timed, "in_process_step_s": local_s, "ray_step_s": ray_s,
+        "ratio": ray_s / local_s, "calls_per_step": per_step,
+        # The worker's own calls, one after another: forward and backward per MoE layer,
+        # and the optimizer step (not waited for). The router's fan-outs run inside them.
+        "serial_calls_per_step": sum(v for k, v in per_step.items()
+                                     if k.startswith("worker->router/")),
+        "serial_calls_target": 2 * L + 1,
+        "calls_per_step_total": sum(per_step.values()),
         "data_pipeline": {"delivered_samples_per_s": delivered,
                           "consumed_samples_per_s": cfg.train.batch_size / ray_s,
                           "headroom": delivered * ray_s / cfg.train.batch_size},
-        "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__, "ray": ray.__version__},
+    }
+
+
+_MEASURED: dict = {}  # (path, spec, shared memory) -> result, within one run_bench
+
+
+def _measure(path: str, spec: LayerSpec, plan: BenchPlan, shared_memory: bool = True) -> dict:
+    """Each workload is timed once per run, however many series it belongs to."""
+    key = (path, spec if path == "ray" else dataclasses.replace(spec, actors=0), shared_memory)
+    if key not in _MEASURED:
+        _MEASURED[key] = (bench_moe.in_process(spec, plan.layer_steps, plan.layer_warmup)
+                          if path == "in_process" else
+                          bench_moe.on_ray(spec, plan.layer_steps, plan.layer_warmup,
+                                           shared_memory=shared_memory))
+    return _MEASURED[key]
+
+
+def _layer_pair(spec: LayerSpec, plan: BenchPlan, *, shared_memory: bool = True) -> dict:
+    local = _measure("in_process", spec, plan)
+    ray_ = _measure("ray", spec, plan, shared_memory)
+    a, b = local["timing"], ray_["timing"]
+    return {"layer": dataclasses.asdict(spec), "shared_memory": shared_memory,
+            "in_process_step_s": a.median_s, "ray_step_s": b.median_s,
+            "ratio": b.median_s / a.median_s,
+            "in_process_spread_s": [a.min_s, a.max_s], "ray_spread_s": [b.min_s, b.max_s],
+            "calls_per_step": ray_["calls_per_step"], "transport": ray_["transport"],
+            "small_batch_forward_ms": {"in_process": local["small_batch_forward_ms"],
+                                       "ray": ray_["small_batch_forward_ms"]}}
+
+
+def _growth(plan: BenchPlan) -> dict:
+    g = plan.growth
+    series = {"tokens": [dataclasses.replace(g, tokens=t) for t in plan.growth_tokens],
+              "experts": [dataclasses.replace(g, experts=e, actors=min(g.actors, e))
+                          for e in plan.growth_experts],
+              "actors": [dataclasses.replace(g, actors=a) for a in plan.growth_actors]}
+    out = {}
+    for name, specs in series.items():
+        rows = []
+        for spec in specs:
+            pair = _layer_pair(spec, plan)
+            rows.append({"tokens": spec.tokens, "experts": spec.experts, "actors": spec.actors,
+                         "in_process_step_s": pair["in_process_step_s"],
+                         "ray_step_s": pair["ray_step_s"], "ratio": pair["ratio"]})
+            log.info("growth %-7s tokens %6d experts %3d actors %d: in process %.3f s, Ray "
+                     "%.3f s (%.2fx)", name, spec.tokens, spec.experts, spec.actors,
+                     pair["in_process_step_s"], pair["ray_step_s"], pair["ratio"])
+        out[name] = rows
+    return out
+
+
+def run_bench(cfg: Config, out_dir: Path, plan: BenchPlan = BenchPlan()) -> dict:
+    import ray
+
+    from .ray_job import ray_init
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Both paths get this machine's cores: the in-process step, the worker's dense part, the
+    # router and (shared) the expert actors set their torch threads from it.
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
+    started = ray_init(dataclasses.replace(cfg, experts=dataclasses.replace(
+        cfg.experts, num_actors=max(cfg.experts.num_actors, *plan.growth_actors,
+                                    plan.reference.actors, 4))))
+    t_start = time.perf_counter()
+    _MEASURED.clear()
+    try:
+        reference = _layer_pair(plan.reference, plan)
+        log.info("reference layer, 2 actors: in process %.3f s, Ray %.3f s (%.2fx)",
+                 reference["in_process_step_s"], reference["ray_step_s"], reference["ratio"])
+        four = _layer_pair(dataclasses.replace(plan.reference, actors=4), plan)
+        store = _layer_pair(plan.reference, plan, shared_memory=False)
+        model = model_step(cfg, out_dir, plan.model_steps, plan.model_warmup)
+        log.info("%s model: in process %.1f ms, Ray %.1f ms (%.2fx)", cfg.run.name,
+                 model["in_process_step_s"] * 1e3, model["ray_step_s"] * 1e3, model["ratio"])
+        growth = _growth(plan)
+    finally:
+        if started:
+            ray.shutdown()
+    moved = reference["transport"]
+    memcpy_s = bench_moe.memcpy_seconds(int(moved["bytes"]))
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": {"cores": cores, "python": platform.python_version(),
+                    "torch": torch.__version__, "ray": ray.__version__,
+                    "cpu": platform.processor() or platform.machine()},
+        "targets": TARGETS,
+        "reference": reference,
+        "reference_4_actors": four,
+        "reference_object_store": store,
+        "quickstart": model,  # the job's model (make bench: jobs/quickstart.yaml)
+        "serial_calls_per_step": model["serial_calls_per_step"],
+        "serial_calls_target": model["serial_calls_target"],
+        "transport_fraction_of_memcpy": memcpy_s / moved["seconds"] if moved["seconds"] else
+        float("inf"),
+        "transport": {**moved, "memcpy_seconds": memcpy_s,
+                      "object_store_seconds": store["transport"]["seconds"]},
+        "small_batch_forward_ms": reference["small_batch_forward_ms"]["ray"],
+        "small_batch_forward_in_process_ms": reference["small_batch_forward_ms"]["in_process"],
+        "growth": growth,
+        "bench_seconds": time.perf_counter() - t_start,
         "config": config_to_dict(cfg),
     }
-    (out_dir / "step_time.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "results.md").write_text(table(result))
+    line_panels([_panel(growth["tokens"], "tokens", "tokens per step"),
+                 _panel(growth["experts"], "experts", "experts (top-k fixed)"),
+                 _panel(growth["actors"], "actors", "expert actors")], out_dir / "growth.png")
     return result
+
+
+def _panel(rows: list[dict], key: str, label: str) -> dict:
+    return {"title": f"step time (s) vs {label}", "xlabel": label, "ylabel": "s / step",
+            "x": [r[key] for r in rows],
+            "lines": {"in process": [r["in_process_step_s"] for r in rows],
+                      "Ray path": [r["ray_step_s"] for r in rows]}}
+
+
+def table(r: dict) -> str:
+    """The results as the markdown table README quotes."""
+    m, ref, four, store = r["quickstart"], r["reference"], r["reference_4_actors"], \
+        r["reference_object_store"]
+    t = r["targets"]
+    mach = r["machine"]
+
+    def ok(good: bool) -> str:
+        return "met" if good else "not met"
+
+    sb = r["small_batch_forward_ms"]
+    rows = [
+        ("Reference MoE layer, 2 expert actors: Ray / in process",
+         f"{ref['ray_step_s']:.3f} s / {ref['in_process_step_s']:.3f} s = "
+         f"**{ref['ratio']:.2f}x**", f"<= {t['reference_ratio']:.2f}",
+         ok(ref["ratio"] <= t["reference_ratio"])),
+        ("Reference MoE layer, 4 expert actors",
+         f"{four['ray_step_s']:.3f} s = **{four['ratio']:.2f}x**",
+         f"<= {t['reference_ratio']:.2f}", ok(four["ratio"] <= t["reference_ratio"])),
+        ("Reference layer, 2 actors, object store instead of shared memory",
+         f"{store['ray_step_s']:.3f} s = {store['ratio']:.2f}x", "(comparison)", ""),
+        (f"Quickstart model, whole step ({m['model']['moe_layers']} MoE layers)",
+         f"{m['ray_step_s'] * 1e3:.1f} ms / {m['in_process_step_s'] * 1e3:.1f} ms = "
+         f"**{m['ratio']:.2f}x**", f"<= {t['quickstart_ratio']:.2f}",
+         ok(m["ratio"] <= t["quickstart_ratio"])),
+        ("Worker's Ray calls per step, in a row (all calls)",
+         f"**{r['serial_calls_per_step']:.0f}** ({m['calls_per_step_total']:.0f})",
+         f"<= 2L+1 = {r['serial_calls_target']}",
+         ok(r["serial_calls_per_step"] <= r["serial_calls_target"])),
+        ("Transport: memcpy time / time moving the same bytes",
+         f"**{r['transport_fraction_of_memcpy']:.2f}** ({r['transport']['bytes'] / 1e6:.0f} MB "
+         f"in {r['transport']['seconds'] * 1e3:.0f} ms; object store "
+         f"{r['transport']['object_store_seconds'] * 1e3:.0f} ms)",
+         f">= {t['transport_fraction_of_memcpy']}",
+         ok(r["transport_fraction_of_memcpy"] >= t["transport_fraction_of_memcpy"])),
+        ("64-token forward of the reference layer: Ray (in process)",
+         f"**{sb:.1f} ms** ({r['small_batch_forward_in_process_ms']:.1f} ms)",
+         f"<= {t['small_batch_forward_ms']:.0f} ms", ok(sb <= t["small_batch_forward_ms"])),
+        ("Ray Data pipeline, one worker: delivered / consumed",
+         f"{m['data_pipeline']['delivered_samples_per_s']:.0f} / "
+         f"{m['data_pipeline']['consumed_samples_per_s']:.0f} samples/s", "> 1x",
+         ok(m["data_pipeline"]["headroom"] > 1)),
+    ]
+    lines = [f"`make bench`, {r['date']}: {mach['cores']} cores ({mach['cpu']}), Python "
+             f"{mach['python']}, torch {mach['torch']}, Ray {mach['ray']}; medians of "
+             f"side-by-side runs.", "", "| measure | result | target | |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines += ["", "Growth (a d 256 / hidden 1024 layer, top-2; Ray / in process; growth.png):", ""]
+    for name, label in (("tokens", "tokens per step"), ("experts", "experts"),
+                        ("actors", "expert actors")):
+        cells = ", ".join(f"{row[name]}: {row['ratio']:.2f}x "
+                          f"({row['ray_step_s']:.2f} s)" for row in r["growth"][name])
+        lines.append(f"- {label}: {cells}")
+    return "\n".join(lines) + "\n"

@@ -121,18 +121,14 @@ def _eval(args) -> int:
 
 def _bench(args) -> int:
     from ..config import load_config
-    from .bench import run_bench
+    from .bench import BenchPlan, run_bench
 
     cfg = load_config(args.config, list(args.overrides) + ["distributed.backend=ray"])
-    r = run_bench(cfg, Path(args.out), steps=args.steps)
-    log.info("in-process step %.1f ms | Ray path step %.1f ms | ratio %.2fx | %.1f Ray calls "
-             "per step", r["in_process_step_s"] * 1e3, r["ray_step_s"] * 1e3,
-             r["ray_over_in_process"], r["ray_calls_per_step_total"])
-    d = r["data_pipeline"]
-    log.info("data pipeline: delivers %.0f samples/s, training consumes %.0f samples/s "
-             "(%.1fx headroom)", d["delivered_samples_per_s"], d["consumed_samples_per_s"],
-             d["headroom"])
-    log.info("wrote %s", Path(args.out) / "step_time.json")
+    r = run_bench(cfg, Path(args.out), BenchPlan(model_steps=args.steps))
+    for line in (Path(args.out) / "results.md").read_text().splitlines():
+        log.info("%s", line)
+    log.info("wrote %s, results.md and growth.png (%.0f s)", Path(args.out) / "results.json",
+             r["bench_seconds"])
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 import ray
@@ -17,6 +18,7 @@ from ..config import Config
 from .expert_actor import ExpertActor
 from .placement import owner_table, place_experts
 from .router_actor import RouterActor
+from .wire import sweep_dead
 
 log = logging.getLogger("expertpar")
 
@@ -42,12 +44,17 @@ class MoEActors:
         return "; ".join(dead) if dead else "a train worker failed (see its error above)"
 
     def shutdown(self) -> None:
-        for handle in [self.router, *self.actors]:
+        handles = [self.router, *self.actors]
+        # Each releases its shared buffers first (a killed process cannot); a dead or stuck
+        # one is not waited for, and its buffers are swept below once its process is gone.
+        ray.wait([h.close.remote() for h in handles], num_returns=len(handles), timeout=10)
+        for handle in handles:
             try:
                 ray.kill(handle)
             except Exception as err:  # an actor that already died is fine  # noqa: BLE001
                 log.debug("kill: %r", err)
         remove_placement_group(self.pg)
+        sweep_dead()
 
 
 def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
@@ -70,23 +77,43 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
                            f" within {timeout_s:.0f}s; resources: {ray.cluster_resources()}")
     tag = uuid.uuid4().hex[:8]
     actor_cls = ray.remote(ExpertActor)
+    # Ray 2.60 shows every GPU of a node to an actor that asked for none; a CPU expert actor on
+    # a GPU node must not initialise CUDA there (it would take memory on GPU 0).
+    hide_gpus = ({"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+                 if not ex.gpus_per_actor and ray.cluster_resources().get("GPU", 0) else {})
     actors = []
     for a, host in enumerate(hosts):
         actors.append(actor_cls.options(
             name=f"expertpar-{cfg.run.name}-{tag}-expert{a}",
             num_cpus=ex.cpus_per_actor, num_gpus=ex.gpus_per_actor or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a),
-        ).remote(host, cfg.model.dim, cfg.model.moe, cfg.train, cfg.run.seed, checkpoint))
+            **hide_gpus,
+        ).remote(host, cfg.model.dim, cfg.model.moe, cfg.train, cfg.run.seed, checkpoint,
+                 ex.shared_memory))
     router = ray.remote(RouterActor).options(
         name=f"expertpar-{cfg.run.name}-{tag}-router", num_cpus=ex.router_cpus,
         max_concurrency=4 * cfg.distributed.num_workers + 8,
     ).remote(cfg.model.dim, cfg.model.moe, cfg.train, L, cfg.run.seed, actors,
-             owner_table(hosts), checkpoint)
+             owner_table(hosts), checkpoint, ex.shared_memory, ex.router_threads)
     moe = MoEActors(router, actors, hosts, pg, [])
     try:
-        moe.infos = ray.get([a.info.remote() for a in actors])
+        infos = ray.get([a.info.remote() for a in actors])
+        threads = actor_threads(infos, ex.threads_per_actor)
+        for info, n, handle in zip(infos, threads, actors):
+            info["threads"] = n
+        ray.get([h.set_threads.remote(n) for h, n in zip(actors, threads)])
+        moe.infos = infos
         ray.get(router.grad_norms.remote(-1))  # the router is up and reaches every actor
     except Exception:
         moe.shutdown()
         raise
     return moe
+
+
+def actor_threads(infos: list[dict], fixed: int | None) -> list[int]:
+    """torch threads per expert actor: ``fixed``, else the cores of its node shared evenly
+    by the expert actors there (they compute at the same time, while the workers wait)."""
+    if fixed:
+        return [fixed] * len(infos)
+    per_node = Counter(info["node_id"] for info in infos)
+    return [max(1, info["cpus"] // per_node[info["node_id"]]) for info in infos]

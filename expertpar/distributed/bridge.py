@@ -3,11 +3,14 @@
 ``RayBackend`` gives the model ``RemoteMoE`` layers, called exactly like the in-process
 ``MoELayer``: ``layer(x_TD, modality_T, ctx) -> MoEOutput``. Forward sends the tokens to the
 router and returns its combined output and auxiliary loss; backward sends the output gradient
-(and this worker's share of the auxiliary loss gradient) and returns the input gradient.
+(and this worker's share of the auxiliary loss gradient) and returns the input gradient. The
+backward reply also carries the layer's gradient norms, which ``RemoteOwner`` (runtime.py)
+hands to the step's global clipping without asking the router again.
 """
 from __future__ import annotations
 
 import itertools
+import time
 
 import ray
 import torch
@@ -15,7 +18,8 @@ import torch.nn as nn
 
 from ..config import MoEConfig
 from ..moe.layer import MoEOutput, RouteContext
-from .tensors import from_wire, to_wire
+from ..moe.stats import RoutingStats
+from .wire import Links
 
 
 class RayBackend:
@@ -25,9 +29,23 @@ class RayBackend:
         self.router = router
         self.rank = rank
         self.world_size = world_size
+        link_id, node, shared = ray.get(router.address.remote())
+        self.links = Links(shared)
+        self.router_address = (link_id, node)
+        self.stepped: int | None = None  # the last optimizer step sent (see RemoteOwner.step)
+        self.norms: dict[str, dict[int, torch.Tensor]] = {}  # call key -> layer -> norms
 
     def build_layer(self, layer_index: int, dim: int, cfg: MoEConfig, seed: int) -> nn.Module:
         return RemoteMoE(self, layer_index, cfg)
+
+    def take_norms(self, step: int) -> torch.Tensor | None:
+        """The gate and expert gradient norms of training step ``step``, gathered from the
+        backward replies (None when no MoE layer ran backward)."""
+        per_layer = self.norms.pop(f"train:{step}", None)
+        self.norms.clear()  # norms of calls that never reached a step (a parity test's probe)
+        if not per_layer:
+            return None
+        return torch.cat([per_layer[L] for L in sorted(per_layer)])
 
 
 class RemoteMoE(nn.Module):
@@ -56,18 +74,31 @@ class RemoteMoE(nn.Module):
 class _BridgeFn(torch.autograd.Function):
     @staticmethod
     def forward(fctx, x_TD, modality_T, module: RemoteMoE, key, rank, size, ctx, box):
-        router = module.backend.router
-        y, aux_loss, aux, stats = ray.get(router.forward.remote(
-            key, module.layer_index, rank, size, to_wire(x_TD), to_wire(modality_T),
-            module.training, ctx.seed, ctx.step))
-        fctx.call = (router, key, module.layer_index, rank, size)
+        b = module.backend
+        t0 = time.perf_counter()
+        packet = b.links.outbox(b.router_address).pack([x_TD, modality_T])
+        reply, aux_loss, aux, policy, busy = ray.get(b.router.forward.remote(
+            key, module.layer_index, rank, size, packet, module.training, ctx.seed, ctx.step,
+            b.stepped, b.links.address))
+        # A copy out of the router's reply buffer, which it reuses on its next reply.
+        y_TD, *stats = b.links.inbox.unpack(reply)
+        y_TD = y_TD.to(x_TD.device, x_TD.dtype, copy=True)
+        b.links.meter.add(packet[1] + reply[1], time.perf_counter() - t0 - busy)
+        fctx.call = (module, key, rank, size)
         box["aux"] = {k: torch.tensor(v) for k, v in aux.items()}
-        box["stats"] = stats
-        return from_wire(y, x_TD.device).to(x_TD.dtype), torch.tensor(aux_loss, device=x_TD.device)
+        box["stats"] = RoutingStats(*[t.clone() for t in stats], policy=policy)
+        return y_TD, torch.tensor(aux_loss, device=x_TD.device)
 
     @staticmethod
     def backward(fctx, dy_TD, d_aux):
-        router, key, layer, rank, size = fctx.call
-        dx = ray.get(router.backward.remote(key, layer, rank, size, to_wire(dy_TD),
-                                            float(d_aux)))
-        return from_wire(dx, dy_TD.device).to(dy_TD.dtype), None, None, None, None, None, None, None
+        module, key, rank, size = fctx.call
+        b = module.backend
+        t0 = time.perf_counter()
+        packet = b.links.outbox(b.router_address).pack([dy_TD])
+        reply, busy = ray.get(b.router.backward.remote(
+            key, module.layer_index, rank, size, packet, float(d_aux), b.links.address))
+        dx_TD, norms = b.links.inbox.unpack(reply)
+        dx_TD = dx_TD.to(dy_TD.device, dy_TD.dtype, copy=True)
+        b.links.meter.add(packet[1] + reply[1], time.perf_counter() - t0 - busy)
+        b.norms.setdefault(key, {})[module.layer_index] = norms.clone()
+        return dx_TD, None, None, None, None, None, None, None

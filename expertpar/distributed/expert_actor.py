@@ -1,15 +1,18 @@
 """ExpertActor: owns some (MoE layer, expert) FFNs, their gradients and their AdamW state.
 
-Forward caches each expert's input and output (keyed by call and layer) so backward needs no
-recomputation; parameter gradients accumulate here across every train worker's tokens, so
-experts need no all-reduce. The router tells the actor when to step.
+One call per layer and direction carries all of this actor's experts' rows in one buffer
+(wire.py). Forward keeps each expert's input and output (keyed by call and layer) so backward
+needs no recomputation; backward returns the input gradients and the gradient norms of this
+layer's experts, which are final then: the router gathers every train worker's tokens into
+the one call, so parameter gradients accumulate here without an all-reduce. The router tells
+the actor when to step.
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import MoEConfig, TrainConfig
@@ -18,16 +21,24 @@ from ..moe.layer import expert_seed
 from ..train.checkpoint import read_shards
 from ..train.names import expert_entries, expert_file
 from ..train.owners import ParameterOwner
-from .tensors import from_wire, to_wire
+from .wire import Links
 
 Shard = tuple[int, int]
+Address = tuple[str, str]
+
+
+def actor_device() -> torch.device:
+    """CUDA only when Ray gave this actor a GPU: Ray 2.60 no longer hides a node's GPUs from
+    an actor that asked for none, and such an actor must not land on GPU 0 unasked."""
+    import ray
+    return torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
 
 
 class ExpertActor:
     def __init__(self, shards: list[Shard], dim: int, moe: MoEConfig, train: TrainConfig,
-                 seed: int, checkpoint: str | None = None):
+                 seed: int, checkpoint: str | None = None, shared_memory: bool = True):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = actor_device()
         self.experts: dict[Shard, FFN] = {}
         for layer, expert in shards:
             ffn = FFN(dim, moe.expert_hidden)
@@ -36,6 +47,7 @@ class ExpertActor:
         self.owner = ParameterOwner([e for (L, x), ffn in self.experts.items()
                                      for e in expert_entries(L, x, ffn)], train)
         self.cache: dict[tuple[str, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.links = Links(shared_memory)
         if checkpoint:
             # The driver verified the checkpoint; each actor reads only its own shards.
             files = [expert_file(L, x) for L, x in self.experts]
@@ -47,29 +59,59 @@ class ExpertActor:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "shards": sorted(self.experts),
                 "resources": ctx.get_assigned_resources(), "gpu_ids": ray.get_gpu_ids(),
-                "device": str(self.device), "pid": os.getpid()}
+                "device": str(self.device), "pid": os.getpid(),
+                "cpus": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
 
-    def forward(self, key: str, layer: int, xs: dict[int, np.ndarray],
-                grad: bool) -> dict[int, np.ndarray]:
-        out = {}
+    def address(self) -> Address:
+        return self.links.address
+
+    def set_threads(self, n: int) -> int:
+        torch.set_num_threads(max(1, n))
+        return torch.get_num_threads()
+
+    def forward(self, key: str, layer: int, packet: tuple, experts: tuple[int, ...],
+                grad: bool, reply_to: Address) -> tuple[tuple, float]:
+        """Rows of ``experts`` (one tensor each) -> their outputs, and the seconds computed."""
+        t0 = time.perf_counter()
+        xs = self.links.inbox.unpack(packet)
         saved = self.cache.setdefault((key, layer), {}) if grad else None
-        for expert, x in xs.items():
-            x_ND = from_wire(x, self.device).requires_grad_(grad)
-            with torch.set_grad_enabled(grad):
-                y_ND = self.experts[(layer, expert)](x_ND)
+        ys = []
+        for expert, x in zip(experts, xs):
+            ffn = self.experts[(layer, expert)]
             if grad:
+                # A copy: the sender reuses its buffer, and fc1 keeps its input for backward.
+                x_ND = x.to(self.device, copy=True).requires_grad_(True)
+                y_ND = ffn(x_ND)
                 saved[expert] = (x_ND, y_ND)
-            out[expert] = to_wire(y_ND)
-        return out
+            else:
+                with torch.no_grad():
+                    y_ND = ffn(x.to(self.device))
+            ys.append(y_ND.detach())
+        busy = time.perf_counter() - t0
+        return self.links.outbox(reply_to).pack(ys), busy
 
-    def backward(self, key: str, layer: int, dys: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    def backward(self, key: str, layer: int, packet: tuple, experts: tuple[int, ...],
+                 reply_to: Address) -> tuple[tuple, float]:
+        """Output gradients -> (input gradients and, last, this layer's expert gradient
+        norms; the seconds computed)."""
+        t0 = time.perf_counter()
         saved = self.cache.pop((key, layer))
-        out = {}
-        for expert, dy in dys.items():
+        dxs = []
+        for expert, dy in zip(experts, self.links.inbox.unpack(packet)):
             x_ND, y_ND = saved[expert]
-            y_ND.backward(from_wire(dy, self.device))  # accumulates into the expert's .grad
-            out[expert] = to_wire(x_ND.grad)
-        return out
+            y_ND.backward(dy.to(self.device))  # accumulates into the expert's .grad
+            dxs.append(x_ND.grad)
+        norms = self.layer_grad_norms(layer)
+        busy = time.perf_counter() - t0
+        return self.links.outbox(reply_to).pack([*dxs, norms]), busy
+
+    def layer_grad_norms(self, layer: int) -> torch.Tensor:
+        """Per-parameter gradient norms of this layer's experts here (final after its
+        backward), in the owner's order."""
+        norms = [torch.linalg.vector_norm(p.grad).float().cpu()
+                 for (L, _), ffn in self.experts.items() if L == layer
+                 for p in ffn.parameters() if p.requires_grad and p.grad is not None]
+        return torch.stack(norms) if norms else torch.zeros(0)
 
     # The parameter-owner calls, forwarded (an actor's methods are what Ray can call).
 
@@ -89,3 +131,7 @@ class ExpertActor:
 
     def export(self) -> dict[str, dict[str, torch.Tensor]]:
         return self.owner.export()
+
+    def close(self) -> None:
+        """Release the shared buffers (called before the actor is killed)."""
+        self.links.close()

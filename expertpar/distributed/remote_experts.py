@@ -1,52 +1,82 @@
 """RemoteExperts: the expert backend whose experts live in ExpertActors.
 
 It plugs into the ordinary ``MoELayer`` inside the router actor, so routing, dispatch, combine
-and the auxiliary losses run the very same code as in process. Each call fans out to every actor
-owning an expert that got tokens, all at once; experts with no tokens are not called at all.
+and the auxiliary losses run the very same code as in process. Each call sends every actor
+owning an expert that got tokens one message (all its experts' rows in one buffer), all at
+once; experts with no tokens are not called at all. Backward also brings back the layer's
+expert gradient norms, which the router hands on to the train workers with the input gradient.
 """
 from __future__ import annotations
+
+import threading
+import time
 
 import ray
 import torch
 
 from ..moe.experts import ExpertBackend
-from .tensors import from_wire, to_wire
+from .wire import Links
 
 
 class RemoteExperts(ExpertBackend):
     def __init__(self, layer: int, actors: list, owner: dict[tuple[int, int], int],
-                 count=lambda name, n: None):
+                 links: Links, peers, count=lambda name, n: None,
+                 fan_out_lock: threading.Lock | None = None):
         super().__init__()
         self.count = count  # the router's call counter
         self.layer = layer
         self.actors = actors
         self.owner = owner  # (layer, expert) -> actor index
+        self.links = links
+        self.peers = peers  # () -> every actor's link address, in actor order
+        # An outbox holds one message at a time: one fan-out at a time per router.
+        self.lock = fan_out_lock or threading.Lock()
         self.call_key = "?"  # set by the router before each forward: names the cached activations
+        self.norms = torch.zeros(0)  # gradient norms from the last backward
 
     def forward(self, x_AD: torch.Tensor, counts_E: tuple[int, ...]) -> torch.Tensor:
         return _RemoteExpertsFn.apply(x_AD, self, tuple(counts_E))
 
     def _fan_out(self, method: str, key: str, pieces: list[torch.Tensor],
-                 **kwargs) -> list[torch.Tensor]:
-        per_actor: dict[int, dict[int, object]] = {}
+                 **kwargs) -> torch.Tensor:
+        """Send each actor its experts' pieces, gather every reply, and return the results
+        concatenated in expert order (zeros for experts that got no rows)."""
+        per_actor: dict[int, list[int]] = {}
         for expert, piece in enumerate(pieces):
             if piece.shape[0]:
-                per_actor.setdefault(self.owner[(self.layer, expert)], {})[expert] = to_wire(piece)
-        refs = {a: getattr(self.actors[a], method).remote(key, self.layer, xs, **kwargs)
-                for a, xs in per_actor.items()}
-        self.count(f"router->expert/{method}", len(refs))
-        try:
-            results = dict(zip(refs, ray.get(list(refs.values()))))  # concurrent, then gather
-        except ray.exceptions.RayActorError as err:
-            raise self._which_actor_died(refs, method) from err
-        out = []
-        for expert, piece in enumerate(pieces):
-            if piece.shape[0]:
-                out.append(from_wire(results[self.owner[(self.layer, expert)]][expert]))
-            else:
-                out.append(piece.detach().new_zeros(piece.shape))
+                per_actor.setdefault(self.owner[(self.layer, expert)], []).append(expert)
+        peers = self.peers()
+        with self.lock:
+            t0 = time.perf_counter()
+            refs, sent = {}, 0
+            for a, experts in per_actor.items():
+                packet = self.links.outbox(peers[a]).pack([pieces[e] for e in experts])
+                sent += packet[1]
+                refs[a] = getattr(self.actors[a], method).remote(
+                    key, self.layer, packet, tuple(experts), reply_to=self.links.address,
+                    **kwargs)
+            self.count(f"router->expert/{method}", len(refs))
+            try:
+                replies = dict(zip(refs, ray.get(list(refs.values()))))  # concurrent, gathered
+            except ray.exceptions.RayActorError as err:
+                raise self._which_actor_died(refs, method) from err
+            got: dict[int, torch.Tensor] = {}
+            norms, busy = [], 0.0
+            for a, experts in per_actor.items():
+                packet, seconds = replies[a]
+                busy = max(busy, seconds)
+                sent += packet[1]
+                tensors = self.links.inbox.unpack(packet)
+                if method == "backward":  # the actor's gradient norms come last
+                    norms.append(tensors.pop().clone())
+                got.update(zip(experts, tensors))
+            # One copy out of the reply buffers, which the actors reuse on their next reply.
+            out = torch.cat([got[e] if e in got else piece.detach().new_zeros(piece.shape)
+                             for e, piece in enumerate(pieces)]) if pieces else None
+            if method == "backward":
+                self.norms = torch.cat(norms) if norms else torch.zeros(0)
+            self.links.meter.add(sent, time.perf_counter() - t0 - busy, len(refs))
         return out
-
 
     def _which_actor_died(self, refs: dict, method: str) -> RuntimeError:
         for a, ref in refs.items():
@@ -66,12 +96,16 @@ class _RemoteExpertsFn(torch.autograd.Function):
     def forward(ctx, x_AD, module: RemoteExperts, counts_E):
         # The key names the activations the actors keep; backward must use this call's key.
         ctx.module, ctx.counts, ctx.key = module, counts_E, module.call_key
+        if x_AD.shape[0] == 0:
+            return x_AD.new_zeros(x_AD.shape)
         pieces = list(torch.split(x_AD, list(counts_E)))
         # Inside forward grad mode is off; whether activations are kept depends on the input.
-        outs = module._fan_out("forward", ctx.key, pieces, grad=bool(x_AD.requires_grad))
-        return torch.cat(outs) if outs else x_AD.new_zeros(x_AD.shape)
+        return module._fan_out("forward", ctx.key, pieces, grad=bool(x_AD.requires_grad))
 
     @staticmethod
     def backward(ctx, dy_AD):
+        if dy_AD.shape[0] == 0:
+            ctx.module.norms = torch.zeros(0)
+            return dy_AD.new_zeros(dy_AD.shape), None, None
         pieces = list(torch.split(dy_AD.contiguous(), list(ctx.counts)))
-        return torch.cat(ctx.module._fan_out("backward", ctx.key, pieces)), None, None
+        return ctx.module._fan_out("backward", ctx.key, pieces), None, None

@@ -5,16 +5,22 @@ whole group, orders them as one in-process batch would be ordered (all image tok
 text tokens, each in worker order), and runs the ordinary ``MoELayer`` on them with
 ``RemoteExperts``. Capacity, dropping order, auxiliary losses and statistics are therefore those
 of the whole global batch, exactly as in process, whatever the number of workers. Backward
-gathers the workers' output gradients the same way and returns each worker its input gradient.
+gathers the workers' output gradients the same way and returns each worker its input gradient
+together with the layer's gradient norms (gate and experts), so the step needs no extra call.
+
+The optimizer step is a call the workers do not wait for: the router applies it (its gates and
+every expert actor) while the workers step their dense part and load the next batch, and any
+call that must see the stepped weights names the step it comes after and waits for it here.
 """
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 
@@ -24,9 +30,10 @@ from ..train.checkpoint import read_shards
 from ..train.names import ROUTER_FILE, gate_entries
 from ..train.owners import ParameterOwner
 from .remote_experts import RemoteExperts
-from .tensors import from_wire, to_wire
+from .wire import Links
 
 GATHER_TIMEOUT_S = 600.0
+Address = tuple[str, str]
 
 
 @dataclass
@@ -41,22 +48,41 @@ class _Gather:
 
 class RouterActor:
     def __init__(self, dim: int, moe: MoEConfig, train: TrainConfig, num_layers: int, seed: int,
-                 actors: list, owner: dict[tuple[int, int], int], checkpoint: str | None = None):
-        torch.set_num_threads(1)
+                 actors: list, owner: dict[tuple[int, int], int], checkpoint: str | None = None,
+                 shared_memory: bool = True, threads: int | None = None):
+        # The router gates, dispatches and combines every token while the workers wait and the
+        # experts idle: it may use the node's cores (router_threads), not Ray's 1-CPU default.
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         self.calls: Counter = Counter()  # Ray calls made and received, for `expertpar bench`
-        self.layers = [MoELayer(dim, moe, L, seed=seed,
-                                experts=RemoteExperts(L, actors, owner, self._count))
-                       for L in range(num_layers)]
+        self.links = Links(shared_memory)
         self.actors = actors
+        self._peers: list[Address] | None = None
+        fan_out_lock = threading.Lock()
+        self.layers = [MoELayer(dim, moe, L, seed=seed,
+                                experts=RemoteExperts(L, actors, owner, self.links, self.peers,
+                                                      self._count, fan_out_lock))
+                       for L in range(num_layers)]
         self.owner = ParameterOwner([e for L, layer in enumerate(self.layers)
                                      for e in gate_entries(L, layer)], train)
         self.lock = threading.Lock()
         self.gathers: dict[tuple, _Gather] = {}
         self.saved: dict[tuple[str, int], tuple] = {}  # forward graph kept for backward
         self.norms: tuple[int, torch.Tensor] | None = None
+        self.stepped = threading.Condition()
+        self.applied: int | None = None  # the last optimizer step applied everywhere
+        self.step_error: BaseException | None = None
         if checkpoint:  # verified by the driver; the router reads only the gates' file
             self.owner.load(read_shards(Path(checkpoint), [ROUTER_FILE], verified=True),
                             where=checkpoint)
+
+    def address(self) -> tuple[str, str, bool]:
+        """(link id, node id, shared memory on): what a worker needs to send here."""
+        return (*self.links.address, self.links.shared_memory)
+
+    def peers(self) -> list[Address]:
+        if self._peers is None:
+            self._peers = ray.get([a.address.remote() for a in self.actors])
+        return self._peers
 
     def _count(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -68,6 +94,14 @@ class RouterActor:
             if reset:
                 self.calls.clear()
         return out
+
+    def transport(self) -> dict:
+        """Bytes moved to and from the expert actors, and the seconds spent moving them,
+        since the last call (for ``expertpar bench``)."""
+        return self.links.meter.take()
+
+    def close(self) -> None:
+        self.links.close()
 
     # ----------------------------------------------------------------- rendezvous
 
@@ -96,56 +130,84 @@ class RouterActor:
             raise RuntimeError(f"router failed at {tag}: {g.error!r}") from g.error
         return g.result[rank]
 
+    def _after(self, step: int | None) -> None:
+        """Wait until optimizer step ``step`` is applied (None: nothing to wait for)."""
+        if step is None:
+            return
+        with self.stepped:
+            ok = self.stepped.wait_for(lambda: self.step_error is not None or (
+                self.applied is not None and self.applied >= step), GATHER_TIMEOUT_S)
+        if self.step_error is not None:
+            raise RuntimeError(f"router: optimizer step failed: {self.step_error!r}")
+        if not ok:
+            raise TimeoutError(f"router: waited {GATHER_TIMEOUT_S:.0f}s for optimizer step "
+                               f"{step}; the last applied is {self.applied}")
+
     # ----------------------------------------------------------------- forward / backward
 
-    def forward(self, key: str, layer: int, rank: int, size: int, x_TD: np.ndarray,
-                modality_T: np.ndarray, training: bool, seed: int, step: int):
+    def forward(self, key: str, layer: int, rank: int, size: int, packet: tuple,
+                training: bool, seed: int, step: int, after: int | None, reply_to: Address):
+        """A worker's tokens (x_TD, modality_T) -> (a packet of its y_TD and the routing
+        statistics' tensors, aux loss, aux terms, the routing policy, seconds busy here)."""
+        t0 = time.perf_counter()
         self._count("worker->router/forward")
-        return self._rendezvous(("fwd", key, layer), rank, size, (x_TD, modality_T),
-                                lambda parts: self._forward(key, layer, parts, training,
-                                                            RouteContext(seed, step)))
+        self._after(after)
+        x_TD, modality_T = self.links.inbox.unpack(packet)
+        y, aux_loss, aux, policy = self._rendezvous(
+            ("fwd", key, layer), rank, size, (x_TD, modality_T, reply_to),
+            lambda parts: self._forward(key, layer, parts, training, RouteContext(seed, step)))
+        return y, aux_loss, aux, policy, time.perf_counter() - t0
 
     def _forward(self, key, layer, parts, training, ctx):
         moe = self.layers[layer]
         moe.train(training)
         moe.experts.call_key = key
-        x_TD = torch.cat([from_wire(x) for x, _ in parts])
-        modality_T = torch.cat([from_wire(m) for _, m in parts])
-        # In-process token order: every image token (worker order), then every text token.
-        order = torch.argsort(modality_T, stable=True)
-        x_TD, modality_T = x_TD[order], modality_T[order]
+        x_TD, modality_T, order = _in_process_order([p[0] for p in parts],
+                                                    [p[1] for p in parts])
         if training:
+            # A copy (when gathering did not make one): the worker reuses its buffer before
+            # this layer's backward, and the gate keeps its input for the weight gradient.
+            x_TD = (x_TD if order is not None or len(parts) > 1 else x_TD.clone())
             x_TD.requires_grad_(True)
         with torch.set_grad_enabled(training):
             out = moe(x_TD, modality_T, ctx)
+        sizes = [p[0].shape[0] for p in parts]
         if training:
-            sizes = [x.shape[0] for x, _ in parts]  # not the arrays: they pin shared memory
             self.saved[(key, layer)] = (x_TD, out.y_TD, out.aux_loss, order, sizes)
-        y_TD = torch.empty_like(out.y_TD)
-        y_TD[order] = out.y_TD.detach()  # back to the workers' own order
+        y_TD = _worker_order(out.y_TD.detach(), order)
         aux = {k: float(v) for k, v in out.aux.items()}
+        aux_loss = out.aux_loss.item()
         stats = out.stats
-        results, start = [], 0
-        for x_part, _ in parts:
-            n = x_part.shape[0]
-            results.append((to_wire(y_TD[start:start + n]), out.aux_loss.item(), aux, stats))
-            start += n
-        return results
+        tensors = [stats.routed_ME, stats.kept_ME, stats.entropy_sum_M, stats.tokens_M,
+                   stats.unrouted_M]
+        return [(self.links.outbox(p[2]).pack([y, *tensors]), aux_loss, aux, stats.policy)
+                for p, y in zip(parts, torch.split(y_TD, sizes))]
 
-    def backward(self, key: str, layer: int, rank: int, size: int, dy_TD: np.ndarray,
-                 d_aux: float):
+    def backward(self, key: str, layer: int, rank: int, size: int, packet: tuple,
+                 d_aux: float, reply_to: Address):
+        """A worker's dy_TD -> (a packet of its dx_TD and this layer's gradient norms,
+        seconds busy here)."""
+        t0 = time.perf_counter()
         self._count("worker->router/backward")
-        return self._rendezvous(("bwd", key, layer), rank, size, (dy_TD, d_aux),
-                                lambda parts: self._backward(key, layer, parts))
+        (dy_TD,) = self.links.inbox.unpack(packet)
+        reply = self._rendezvous(("bwd", key, layer), rank, size, (dy_TD, d_aux, reply_to),
+                                 lambda parts: self._backward(key, layer, parts))
+        return reply, time.perf_counter() - t0
 
     def _backward(self, key, layer, parts):
         x_TD, y_TD, aux_loss, order, sizes = self.saved.pop((key, layer))
-        dy_TD = torch.cat([from_wire(dy) for dy, _ in parts])[order]
-        d_aux = sum(d for _, d in parts)  # each worker holds aux / W of the global loss
+        dy_TD = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        if order is not None:
+            dy_TD = dy_TD[order]
+        d_aux = sum(p[1] for p in parts)  # each worker holds aux / W of the global loss
         torch.autograd.backward([y_TD, aux_loss], [dy_TD, torch.tensor(d_aux)])
-        dx_TD = torch.empty_like(x_TD)
-        dx_TD[order] = x_TD.grad
-        return [to_wire(part) for part in torch.split(dx_TD, sizes)]
+        moe = self.layers[layer]
+        gate = moe.gate.w_ED.grad
+        norms = torch.cat([torch.linalg.vector_norm(gate).float().reshape(1)
+                           if gate is not None else torch.zeros(0), moe.experts.norms])
+        dx_TD = _worker_order(x_TD.grad, order)
+        return [self.links.outbox(p[2]).pack([dx, norms])
+                for p, dx in zip(parts, torch.split(dx_TD, sizes))]
 
     # ----------------------------------------------------------------- the owner calls
     # The router is the parameter owner of the gates and speaks for the expert actors' owners.
@@ -161,13 +223,24 @@ class RouterActor:
             self.norms = (step, torch.cat([self.owner.grad_norms(step), *remote]))
             return self.norms[1]
 
-    def step(self, lr: float, clip_coef: float) -> None:
+    def step(self, step: int, lr: float, clip_coef: float) -> None:
+        """Optimizer step ``step`` for the gates and every expert actor; calls that name it in
+        ``after`` wait until it is applied."""
         self._count("worker->router/step")
         self._count("router->expert/step", len(self.actors))
-        refs = [a.step.remote(lr, clip_coef) for a in self.actors]
-        self.owner.step(lr, clip_coef)
-        self.saved.clear()
-        ray.get(refs)
+        try:
+            refs = [a.step.remote(lr, clip_coef) for a in self.actors]
+            self.owner.step(lr, clip_coef)
+            self.saved.clear()
+            ray.get(refs)
+        except BaseException as err:
+            with self.stepped:
+                self.step_error = err
+                self.stepped.notify_all()
+            raise
+        with self.stepped:
+            self.applied = step
+            self.stepped.notify_all()
 
     def zero_grad(self) -> None:
         """Drop gradients and cached activations here and in every expert actor (a step that
@@ -189,3 +262,24 @@ class RouterActor:
         for part in ray.get([a.export.remote() for a in self.actors]):
             out.update(part)
         return out
+
+
+def _in_process_order(xs: list[torch.Tensor], modalities: list[torch.Tensor]):
+    """The workers' tokens as one in-process batch orders them: every image token (worker
+    order), then every text token. Returns (x_TD, modality_T, order), where order is None when
+    the tokens already are in that order (one worker: no gather, no reorder, no copy)."""
+    x_TD = torch.cat(xs) if len(xs) > 1 else xs[0]
+    modality_T = torch.cat(modalities) if len(modalities) > 1 else modalities[0]
+    if modality_T.numel() < 2 or bool((modality_T[1:] >= modality_T[:-1]).all()):
+        # The modalities are tiny; a copy keeps routing statistics off the worker's buffer.
+        return x_TD, modality_T.clone() if len(modalities) == 1 else modality_T, None
+    order = torch.argsort(modality_T, stable=True)
+    return x_TD[order], modality_T[order], order
+
+
+def _worker_order(t_TD: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    if order is None:
+        return t_TD
+    out = torch.empty_like(t_TD)
+    out[order] = t_TD
+    return out

@@ -8,6 +8,7 @@ checkpoints — is the one loop in train/loop.py.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -37,23 +38,45 @@ class WorkerPayload:
 
 
 class RemoteOwner:
-    """The gates and experts, as one parameter owner behind the router actor."""
+    """The gates and experts, as one parameter owner behind the router actor.
 
-    def __init__(self, router, *, lead: bool):
-        self.router = router
+    Gradient norms arrive with the backward replies (bridge.py); the optimizer step is sent by
+    the lead worker and not waited for: the router applies it before any call that names it
+    in ``after``, so the dense step, the next batch and the MoE step overlap.
+    """
+
+    def __init__(self, backend: RayBackend, *, lead: bool):
+        self.backend = backend
+        self.router = backend.router
         self.lead = lead
+        self._step: int | None = None  # the step whose norms were taken last
+        self._pending = None  # the lead's step call in flight
 
     def grad_norms(self, step: int) -> torch.Tensor:
-        return ray.get(self.router.grad_norms.remote(step))
+        self._step = step
+        norms = self.backend.take_norms(step)
+        return norms if norms is not None else ray.get(self.router.grad_norms.remote(step))
 
     def step(self, lr: float, clip_coef: float) -> None:
-        if self.lead:  # one worker tells the router; the step's barrier makes the rest wait
-            ray.get(self.router.step.remote(lr, clip_coef))
+        self.settle()  # the previous step's failure surfaces here, not silently
+        if self._step is None:
+            raise RuntimeError("RemoteOwner.step before grad_norms: the step has no number")
+        if self.lead:  # one worker tells the router; every worker's next call waits for it
+            self._pending = self.router.step.remote(self._step, lr, clip_coef)
+        self.backend.stepped = self._step
+
+    def settle(self) -> None:
+        """Wait for the step in flight (before reading or dropping MoE state)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            ray.get(pending)
 
     def zero_grad(self) -> None:
+        self.settle()
         ray.get(self.router.zero_grad.remote())
 
     def export(self) -> dict[str, dict[str, torch.Tensor]]:
+        self.settle()
         return ray.get(self.router.export.remote())
 
 
@@ -64,15 +87,17 @@ class RayRuntime:
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         self.cfg = cfg
         self.device = pick_device(cfg.train.device)
+        torch.set_num_threads(worker_threads(cfg.distributed.threads_per_worker,
+                                             ctx.get_local_world_size()))
         self.comm = TorchDistributed() if world > 1 else SingleProcess()
         tokenizer = Tokenizer.from_str(spec.tokenizer_json)
-        self.model = model_for_tokenizer(cfg, tokenizer, RayBackend(
-            payload.router, rank=rank, world_size=world)).to(self.device)
+        backend = RayBackend(payload.router, rank=rank, world_size=world)
+        self.model = model_for_tokenizer(cfg, tokenizer, backend).to(self.device)
         dense = dense_owner(self.model, cfg)
         if spec.resume_from:
             dense.load(read_shards(Path(spec.resume_from), [DENSE_FILE], verified=True),
                        where=spec.resume_from)
-        self.owners = [dense, RemoteOwner(payload.router, lead=rank == 0)]
+        self.owners = [dense, RemoteOwner(backend, lead=rank == 0)]
         self.rank, self.world = rank, world
         self.eval_location = spec.eval_location
 
@@ -90,6 +115,12 @@ class RayRuntime:
     def report(self, step: int, metrics: dict, checkpoint: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
         ray.train.report(metrics, checkpoint=ckpt)
+
+
+def worker_threads(fixed: int | None, workers_on_node: int) -> int:
+    """torch threads for a train worker's dense part: ``fixed``, else this node's cores shared
+    by the workers on it (Ray sets OMP_NUM_THREADS to the CPUs reserved, often 1)."""
+    return fixed or max(1, len(os.sched_getaffinity(0)) // max(1, workers_on_node))
 
 
 def train_worker(config: dict) -> None:

@@ -106,8 +106,7 @@ def train_step(model, batch: Batch, ctx: RouteContext, owners: list[Owner], comm
     norm, coef = clip_coefficient(torch.cat([o.grad_norms(ctx.step) for o in owners]),
                                   grad_clip)
     for owner in owners:
-        owner.step(lr, coef)
-    comm.barrier()  # nobody routes step s+1 before the experts have taken step s
+        owner.step(lr, coef)  # a remote owner's step may still run: its next call waits for it
     with torch.no_grad():  # CLIP: the learned temperature may not sharpen past 1/100
         model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
     metrics = {"loss/total": loss_clip.item() + enc.aux_loss.item(),

@@ -61,8 +61,9 @@ def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_p
     owners_l = [dense_owner(local, cfg)]
     moe = start_moe_actors(cfg)
     try:
-        remote = build_model(cfg, vocab_size(tok), RayBackend(moe.router))
-        owners_r = [dense_owner(remote, cfg), RemoteOwner(moe.router, lead=True)]
+        backend = RayBackend(moe.router)
+        remote = build_model(cfg, vocab_size(tok), backend)
+        owners_r = [dense_owner(remote, cfg), RemoteOwner(backend, lead=True)]
         ctx = RouteContext(seed=0, step=0)
         enc_l = local.encode(images, ids, mask, ctx)
         enc_r = remote.encode(images, ids, mask, ctx)
@@ -112,7 +113,7 @@ def test_expert_with_no_tokens_does_not_block(ray_local, synth_dir, tmp_path):
         y, aux_loss, aux, stats = ray.get(moe.router.forward.remote(
             "t", 0, 0, 1, x, modality, True, 0, 0), timeout=60)
         assert (stats.routed_ME.sum(0) == 0).sum() == 3
-        dx = ray.get(moe.router.backward.remote("t", 0, 0, 1, np.ones_like(x), 1.0), timeout=60)
+XX
         ray.get(moe.router.grad_norms.remote(0), timeout=60)
         ray.get(moe.router.step.remote(1e-3, 1.0), timeout=60)
         # Same numbers as the in-process layer with the same initial weights.

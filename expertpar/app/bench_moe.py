@@ -1,0 +1,162 @@
+"""One MoE layer, timed in process and through the Ray path, side by side (``expertpar bench``).
+
+A step is what training does to a MoE layer: forward over ``tokens`` activations, a loss,
+backward to the input and every parameter, global gradient norms, a clipped AdamW step. The
+in-process path is the reference ``MoELayer``; the Ray path is the ``RemoteMoE`` bridge to a
+router actor and expert actors, driven from this process as a train worker would drive it.
+Both see the same activations and the same cores (torch threads pinned; see ``threads``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config, config_from_dict
+from ..moe import MoELayer, RouteContext
+from ..train.names import expert_entries, gate_entries
+from ..train.owners import ParameterOwner
+from ..train.step import clip_coefficient
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The workload: the issue's reference layer by default."""
+    dim: int = 512
+    hidden: int = 2048
+    experts: int = 8
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    tokens: int = 8192
+    actors: int = 2
+
+    def config(self) -> Config:
+        """A one-MoE-layer model config carrying this layer (what start_moe_actors reads)."""
+        return config_from_dict({
+            "run": {"name": "bench"},
+            "data": {"train": "unused"},
+            "model": {"dim": self.dim, "depth": 2, "heads": 1, "ffn_hidden": self.hidden,
+                      "embed_dim": self.dim,
+                      "moe": {"num_experts": self.experts, "top_k": self.top_k, "every": 2,
+                              "expert_hidden": self.hidden,
+                              "capacity_factor": self.capacity_factor,
+                              "eval_capacity_factor": self.capacity_factor}},
+            "train": {"lr": 1e-3, "grad_clip": 1.0},
+            "distributed": {"backend": "ray"},
+            "experts": {"num_actors": self.actors, "cpus_per_actor": 0.5}})
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    max_s: float
+
+    @staticmethod
+    def of(times: list[float]) -> "Timing":
+        return Timing(statistics.median(times), min(times), max(times))
+
+
+def _inputs(spec: LayerSpec, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x_TD = torch.randn(spec.tokens, spec.dim, generator=gen)
+    g_TD = torch.randn(spec.tokens, spec.dim, generator=gen) / spec.tokens ** 0.5
+    modality_T = torch.zeros(spec.tokens, dtype=torch.long)
+    modality_T[spec.tokens * 3 // 4:] = 1  # a quarter text tokens, after the image tokens
+    return x_TD, g_TD, modality_T
+
+
+def _step(layer, owners, x_TD, g_TD, modality_T, step: int) -> None:
+    x = x_TD.clone().requires_grad_(True)  # the input gradient is computed, as in a model
+    out = layer(x, modality_T, RouteContext(0, step))
+    loss = (out.y_TD * g_TD).sum() + out.aux_loss
+    loss.backward()
+    _, coef = clip_coefficient(torch.cat([o.grad_norms(step) for o in owners]), 1.0)
+    for owner in owners:
+        owner.step(1e-3, coef)
+
+
+def _timed(layer, owners, inputs, steps: range) -> list[float]:
+    times = []
+    for s in steps:
+        t0 = time.perf_counter()
+        _step(layer, owners, *inputs, step=s)
+        times.append(time.perf_counter() - t0)
+    for owner in owners:
+        getattr(owner, "settle", lambda: None)()  # the last step's MoE update is part of it
+    return times
+
+
+def in_process(spec: LayerSpec, steps: int, warmup: int) -> dict:
+    """The reference layer's step time, and its small-batch forward latency."""
+    cfg = spec.config()
+    layer = MoELayer(spec.dim, cfg.model.moe, 0, seed=0)
+    entries = [*gate_entries(0, layer), *[e for i, ffn in enumerate(layer.experts.experts)
+                                          for e in expert_entries(0, i, ffn)]]
+    owner = ParameterOwner(entries, cfg.train)
+    times = _timed(layer, [owner], _inputs(spec), range(warmup + steps))[warmup:]
+    return {"timing": Timing.of(times), "small_batch_forward_ms": small_batch_forward_ms(
+        layer, spec) if spec.tokens >= 64 else None}
+
+
+def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = True) -> dict:
+    """The Ray path's step time, with its calls and the bytes and seconds of its transport."""
+    import ray
+
+    from ..distributed.actors import start_moe_actors
+    from ..distributed.bridge import RayBackend
+    from ..distributed.runtime import RemoteOwner
+
+    cfg = spec.config()
+    cfg = dataclasses.replace(cfg, experts=dataclasses.replace(cfg.experts,
+                                                               shared_memory=shared_memory))
+    moe = start_moe_actors(cfg)
+    try:
+        backend = RayBackend(moe.router)
+        layer = backend.build_layer(0, spec.dim, cfg.model.moe, 0)
+        owners = [RemoteOwner(backend, lead=True)]
+        inputs = _inputs(spec)
+        _timed(layer, owners, inputs, range(warmup))
+        ray.get(moe.router.call_counts.remote(reset=True))
+        ray.get(moe.router.transport.remote())
+        backend.links.meter.take()
+        timing = Timing.of(_timed(layer, owners, inputs, range(warmup, warmup + steps)))
+        calls = ray.get(moe.router.call_counts.remote())
+        moved = [backend.links.meter.take(), ray.get(moe.router.transport.remote())]
+        small = small_batch_forward_ms(layer, spec) if spec.tokens >= 64 else None
+    finally:
+        moe.shutdown()
+    return {"timing": timing, "calls_per_step": {k: v / steps for k, v in sorted(calls.items())},
+            # The worker<->router and router<->expert links, per step.
+            "transport": {"bytes": sum(m["bytes"] for m in moved) / steps,
+                          "seconds": sum(m["seconds"] for m in moved) / steps},
+            "small_batch_forward_ms": small}
+
+
+def small_batch_forward_ms(layer, spec: LayerSpec, tokens: int = 64, repeats: int = 30) -> float:
+    """Median latency of one forward of ``tokens`` tokens through the layer (no gradient)."""
+    x_TD, _, modality_T = _inputs(dataclasses.replace(spec, tokens=tokens), seed=1)
+    layer.eval()
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            layer(x_TD, modality_T, RouteContext(0, 0))
+            times.append(time.perf_counter() - t0)
+    layer.train()
+    return statistics.median(times[3:]) * 1e3
+
+
+def memcpy_seconds(nbytes: int, repeats: int = 5) -> float:
+    """One in-process copy of ``nbytes`` (median), the yardstick for the transport."""
+    src = torch.empty(max(1, nbytes // 4), dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,261 @@
+"""Moving tensors between processes: shared memory on one node, Ray's object store across nodes.
+
+A Ray call carries a small ``Packet`` instead of tensors. The sender's ``Outbox`` copies every
+tensor of one message into one contiguous buffer: a shared-memory file that the receiver maps
+once and reads in place when both processes share a node, or one numpy array that travels
+through Ray's object store otherwise. Measured here (see bench): a 1.2 MB actor echo costs
+about 5.5 ms through the object store and about one empty call (0.9 ms) through shared memory,
+so a token batch moves at close to memcpy speed.
+
+The rule that makes it safe: a message lives in its sender's outbox until that outbox sends the
+next one. Calls between two processes are request/reply, so a request is read before the reply
+is sent and a reply is read before the caller's next request. What a receiver keeps beyond that
+(activations saved for backward) it copies; what it receives it never writes into.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import tempfile
+import threading
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+ALIGN = 64  # bytes: every tensor starts on a cache line
+PREFIX = "expertpar-wire"
+_NAME = re.compile(rf"^{PREFIX}-(\d+)-")
+
+
+# A message as it travels: plain tuples, which Ray pickles in microseconds (a dataclass or a
+# torch tensor in a call's arguments costs it about 0.5-1 ms more, measured here).
+TensorSpec = tuple[int, str, tuple[int, ...]]  # (byte offset, torch dtype name, shape)
+
+
+class Packet(NamedTuple):
+    """One message: how to cut it, its size, and where its bytes are (a shared file, or
+    ``inline``). Sent as a plain tuple (``tuple(packet)``) and rebuilt with ``Packet(*t)``."""
+    specs: tuple[TensorSpec, ...]
+    nbytes: int
+    path: str | None = None  # shared-memory file holding the message
+    inline: np.ndarray | None = None  # the message itself, through the object store
+
+
+def shm_dir() -> Path:
+    """Where shared buffers live: $EXPERTPAR_SHM_DIR, else /dev/shm (RAM), else the temp dir."""
+    if os.environ.get("EXPERTPAR_SHM_DIR"):
+        return Path(os.environ["EXPERTPAR_SHM_DIR"])
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def _layout(tensors: Sequence[torch.Tensor]) -> tuple[tuple[TensorSpec, ...], int]:
+    specs, offset = [], 0
+    for t in tensors:
+        specs.append((offset, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
+        offset += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    return tuple(specs), offset
+
+
+def _views(buffer_U8: torch.Tensor, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
+    out = []
+    for offset, dtype_name, shape in specs:
+        dtype = getattr(torch, dtype_name)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        out.append(buffer_U8[offset:offset + n].view(dtype).view(shape))
+    return out
+
+
+class Outbox:
+    """A sender's buffer towards one receiver. ``shared`` when the receiver is on this node."""
+
+    def __init__(self, shared: bool):
+        self.shared = shared
+        self._path: Path | None = None
+        self._buffer_U8: torch.Tensor | None = None
+        self._generation = 0
+        self._stem = f"{PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+
+    def pack(self, tensors: Sequence[torch.Tensor]) -> tuple:
+        """One message of ``tensors`` (a plain-tuple ``Packet``); it stays valid until this
+        outbox packs the next one."""
+        specs, nbytes = _layout(tensors)
+        if self.shared:
+            try:
+                buffer_U8 = self._buffer(nbytes)
+            except OSError as err:  # a full /dev/shm: say so once, then use the object store
+                warnings.warn(f"shared-memory transport off for this link ({err}); set "
+                              f"EXPERTPAR_SHM_DIR to a larger tmpfs or experts.shared_memory: "
+                              f"false", RuntimeWarning, stacklevel=2)
+                self.shared = False
+            else:
+                for view, t in zip(_views(buffer_U8, specs), tensors):
+                    view.copy_(t.detach())
+                return tuple(Packet(specs, nbytes, path=str(self._path)))
+        flat_U8 = torch.empty(nbytes, dtype=torch.uint8)
+        for view, t in zip(_views(flat_U8, specs), tensors):
+            view.copy_(t.detach())
+        return tuple(Packet(specs, nbytes, inline=flat_U8.numpy()))
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        if self._buffer_U8 is not None and self._buffer_U8.numel() >= nbytes:
+            return self._buffer_U8
+        size = max(1 << 20, nbytes, 2 * (0 if self._buffer_U8 is None else
+                                         self._buffer_U8.numel()))
+        self._generation += 1
+        path = shm_dir() / f"{self._stem}-{self._generation}"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            # Reserve the pages now: a tmpfs that runs out later raises SIGBUS, not an error.
+            os.posix_fallocate(fd, 0, size)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        self.close()  # the receiver keeps its mapping of the old file until it sees the new one
+        self._path, self._buffer_U8 = path, torch.from_file(str(path), shared=True, size=size,
+                                                            dtype=torch.uint8)
+        _LIVE.add(path)
+        return self._buffer_U8
+
+    def close(self) -> None:
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            _LIVE.discard(self._path)
+        self._path, self._buffer_U8 = None, None
+
+
+class Inbox:
+    """A receiver's mappings of its senders' shared buffers (one per file, kept while used)."""
+
+    def __init__(self):
+        self._maps: dict[str, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def unpack(self, message: tuple) -> list[torch.Tensor]:
+        """Views of the message's tensors: read them, copy what you keep, never write."""
+        packet = Packet(*message)
+        if packet.path is None:
+            with warnings.catch_warnings():
+                # Object-store arrays are read-only; nothing here writes into them.
+                warnings.simplefilter("ignore", UserWarning)
+                flat_U8 = torch.from_numpy(packet.inline)
+            return _views(flat_U8, packet.specs)
+        with self.lock:
+            buffer_U8 = self._maps.get(packet.path)
+            if buffer_U8 is None:
+                stem = packet.path.rsplit("-", 1)[0]
+                for old in [p for p in self._maps if p.rsplit("-", 1)[0] == stem]:
+                    del self._maps[old]  # the sender grew its buffer: drop the old mapping
+                size = os.path.getsize(packet.path)
+                buffer_U8 = torch.from_file(packet.path, shared=True, size=size,
+                                            dtype=torch.uint8)
+                self._maps[packet.path] = buffer_U8
+        return _views(buffer_U8, packet.specs)
+
+    def close(self) -> None:
+        with self.lock:
+            self._maps.clear()
+
+
+_LIVE: set[Path] = set()
+
+
+@atexit.register
+def _unlink_live() -> None:
+    for path in list(_LIVE):
+        path.unlink(missing_ok=True)
+
+
+def sweep_dead(directory: Path | None = None) -> list[Path]:
+    """Remove shared buffers whose creating process is gone (killed actors cannot clean up)."""
+    directory = directory or shm_dir()
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = _NAME.match(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or not ours to signal: still alive)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        path = directory / name
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def node_id() -> str:
+    """This process's Ray node (which decides whether shared memory can reach a peer)."""
+    import ray
+    return ray.get_runtime_context().get_node_id()
+
+
+class Links:
+    """This process's end of every link: one outbox per peer it sends to, one inbox.
+
+    A peer's address is (link id, Ray node id); shared memory is used towards peers on this
+    node when ``shared_memory`` is on, the object store otherwise.
+    """
+
+    def __init__(self, shared_memory: bool):
+        self.shared_memory = shared_memory
+        self.id = uuid.uuid4().hex[:12]
+        self.node = node_id()
+        self.inbox = Inbox()
+        self._outboxes: dict[str, Outbox] = {}
+        self._lock = threading.Lock()
+        self.meter = Meter()
+
+    @property
+    def address(self) -> tuple[str, str]:
+        return (self.id, self.node)
+
+    def outbox(self, peer: tuple[str, str]) -> Outbox:
+        with self._lock:
+            box = self._outboxes.get(peer[0])
+            if box is None:
+                box = Outbox(shared=self.shared_memory and peer[1] == self.node)
+                self._outboxes[peer[0]] = box
+            return box
+
+    def close(self) -> None:
+        with self._lock:
+            for box in self._outboxes.values():
+                box.close()
+            self._outboxes.clear()
+        self.inbox.close()
+
+
+@dataclass
+class Meter:
+    """Bytes a link moved and the seconds spent moving them (round trip minus the peer's work),
+    for ``expertpar bench``."""
+    nbytes: int = 0
+    seconds: float = 0.0
+    calls: int = 0
+
+    def add(self, nbytes: int, seconds: float, calls: int = 1) -> None:
+        self.nbytes += nbytes
+        self.seconds += max(0.0, seconds)
+        self.calls += calls
+
+    def take(self) -> dict:
+        out = {"bytes": self.nbytes, "seconds": self.seconds, "calls": self.calls}
+        self.nbytes, self.seconds, self.calls = 0, 0.0, 0
+        return out
