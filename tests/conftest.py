@@ -13,13 +13,17 @@ from expertpar.data import write_synthetic
 @pytest.fixture(scope="session", autouse=True)
 def home_in_a_temporary_directory(tmp_path_factory):
     """Tests never write into the real home: Ray 2.60 writes ~/.ray/auth_token on ray.init."""
-    real = os.environ.get("HOME")
+    # ... nor into /dev/shm: the expert actors' shared-memory buffers go to a temporary
+    # directory too (Ray's workers inherit the variable).
+    real = {k: os.environ.get(k) for k in ("HOME", "EXPERTPAR_SHM_DIR")}
     os.environ["HOME"] = str(tmp_path_factory.mktemp("home"))
+    os.environ["EXPERTPAR_SHM_DIR"] = str(tmp_path_factory.mktemp("shm"))
     yield Path(os.environ["HOME"])
-    if real is None:
-        del os.environ["HOME"]
-    else:
-        os.environ["HOME"] = real
+    for key, value in real.items():
+        if value is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

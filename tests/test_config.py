@@ -512,3 +512,20 @@ def test_expert_choice_accepts_its_own_knobs():
     assert cfg.model.moe.routing == "expert_choice"
     with pytest.raises(ConfigError, match="'model.moe.routing': 'experts_choice' is not one of"):
         config_from_dict({"data": {"train": "x"}, "model": {"moe": {"routing": "experts_choice"}}})
+
+
+def test_use_gpu_with_a_cpu_device_is_refused_as_inconsistent():
+    tree = {"data": {"train": "d"}, "distributed": {"backend": "ray", "use_gpu": True},
+            "train": {"device": "cpu"}}
+    with pytest.raises(ConfigError, match=r"distributed\.use_gpu.*train\.device"):
+        config_from_dict(tree)
+    tree["train"]["device"] = "auto"
+    assert config_from_dict(tree).distributed.use_gpu
+
+
+@pytest.mark.parametrize("key", ["distributed.threads_per_worker", "experts.router_threads",
+                                 "experts.threads_per_actor"])
+def test_thread_counts_are_positive_or_null(key):
+    assert config_from_dict({"data": {"train": "d"}}, [f"{key}=2"])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict({"data": {"train": "d"}}, [f"{key}=0"])

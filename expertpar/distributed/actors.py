@@ -99,7 +99,7 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
     try:
         infos = ray.get([a.info.remote() for a in actors])
         threads = actor_threads(infos, ex.threads_per_actor)
-        for info, n, handle in zip(infos, threads, actors):
+        for info, n in zip(infos, threads):
             info["threads"] = n
         ray.get([h.set_threads.remote(n) for h, n in zip(actors, threads)])
         moe.infos = infos

@@ -60,7 +60,8 @@ class ExpertActor:
         return {"node_id": ctx.get_node_id(), "shards": sorted(self.experts),
                 "resources": ctx.get_assigned_resources(), "gpu_ids": ray.get_gpu_ids(),
                 "device": str(self.device), "pid": os.getpid(),
-                "cpus": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
+                "cpus": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def address(self) -> Address:
         return self.links.address

@@ -41,3 +41,21 @@ def test_more_actors_than_shards_is_refused_with_the_numbers():
     with pytest.raises(ConfigError, match="experts.num_actors"):
         config_from_dict({"data": {"train": "x"}, "distributed": {"backend": "ray"},
                           "experts": {"num_actors": 9}})
+
+
+def test_expert_actors_share_their_nodes_cores_unless_told():
+    from expertpar.distributed.actors import actor_threads
+    infos = [{"node_id": "a", "cpus": 8}, {"node_id": "a", "cpus": 8},
+             {"node_id": "b", "cpus": 4}, {"node_id": "a", "cpus": 8}]
+    assert actor_threads(infos, None) == [2, 2, 4, 2]
+    assert actor_threads(infos, 3) == [3, 3, 3, 3]
+    assert actor_threads([{"node_id": "a", "cpus": 2}] * 4, None) == [1, 1, 1, 1]
+
+
+def test_train_workers_share_their_nodes_cores_unless_told():
+    import os
+    from expertpar.distributed.runtime import worker_threads
+    cores = len(os.sched_getaffinity(0))
+    assert worker_threads(None, 1) == cores
+    assert worker_threads(None, cores * 2) == 1
+    assert worker_threads(5, 1) == 5

@@ -1,7 +1,6 @@
 """The Ray backend against the in-process reference: forward, gradients, training, resume."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import ray
 import torch
@@ -107,22 +106,27 @@ def test_expert_with_no_tokens_does_not_block(ray_local, synth_dir, tmp_path):
                                               "experts.cpus_per_actor": 0.5})
     moe = start_moe_actors(cfg)
     try:
+        backend = RayBackend(moe.router)
+        layer = backend.build_layer(0, cfg.model.dim, cfg.model.moe, 0)
+        owner = RemoteOwner(backend, lead=True)
         # Identical tokens all choose the same expert: the other three get nothing.
-        x = np.tile(np.linspace(-1, 1, cfg.model.dim, dtype=np.float32), (6, 1))
-        modality = np.array([0, 0, 0, 1, 1, 1])
-        y, aux_loss, aux, stats = ray.get(moe.router.forward.remote(
-            "t", 0, 0, 1, x, modality, True, 0, 0), timeout=60)
-        assert (stats.routed_ME.sum(0) == 0).sum() == 3
-XX
-        ray.get(moe.router.grad_norms.remote(0), timeout=60)
-        ray.get(moe.router.step.remote(1e-3, 1.0), timeout=60)
+        x = torch.linspace(-1, 1, cfg.model.dim).repeat(6, 1)
+        modality = torch.tensor([0, 0, 0, 1, 1, 1])
+        xr = x.clone().requires_grad_(True)
+        out_r = layer(xr, modality, RouteContext(0, 0))
+        assert (out_r.stats.routed_ME.sum(0) == 0).sum() == 3
+        (out_r.y_TD.sum() + out_r.aux_loss).backward()
+        # The backward reply brought the norms: the gate and the one expert's 4 tensors.
+        assert owner.grad_norms(0).shape == (5,)
+        owner.step(1e-3, 1.0)
+        owner.settle()
         # Same numbers as the in-process layer with the same initial weights.
         ref = MoELayer(cfg.model.dim, cfg.model.moe, 0, seed=0)
-        xt = torch.from_numpy(x).requires_grad_(True)
-        out = ref(xt, torch.from_numpy(modality), RouteContext(0, 0))
+        xt = x.clone().requires_grad_(True)
+        out = ref(xt, modality, RouteContext(0, 0))
         (out.y_TD.sum() + out.aux_loss).backward()
-        assert rel_err(torch.from_numpy(y), out.y_TD.detach()) <= 1e-5
-        assert rel_err(torch.from_numpy(dx), xt.grad) <= 1e-5
+        assert rel_err(out_r.y_TD, out.y_TD) <= 1e-5
+        assert rel_err(xr.grad, xt.grad) <= 1e-5
     finally:
         moe.shutdown()
 
