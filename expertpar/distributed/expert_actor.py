@@ -31,7 +31,9 @@ def actor_device() -> torch.device:
     """CUDA only when Ray gave this actor a GPU: Ray 2.60 no longer hides a node's GPUs from
     an actor that asked for none, and such an actor must not land on GPU 0 unasked."""
     import ray
-    return torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+    # A logical GPU (a test cluster's, or a node without CUDA) leaves the actor on the CPU.
+    use = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    return torch.device("cuda") if use else torch.device("cpu")
 
 
 class ExpertActor:
