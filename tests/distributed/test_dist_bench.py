@@ -20,7 +20,7 @@ def test_bench_measures_every_target_and_writes_its_files(ray_local, synth_dir, 
     cfg = tiny_config(synth_dir, tmp_path, **{
         "distributed.backend": "ray", "experts.num_actors": 2, "experts.cpus_per_actor": 0.5})
     plan = BenchPlan(reference=TINY, layer_steps=2, layer_warmup=1, growth=TINY,
-                     growth_tokens=(128, 256), growth_experts=(4,), growth_actors=(2,),
+                     growth_tokens=(256,), growth_experts=(4,), growth_actors=(2,),
                      model_steps=5, model_warmup=2)
     r = run_bench(cfg, tmp_path / "bench", plan)
     out = tmp_path / "bench"
@@ -41,7 +41,7 @@ def test_bench_measures_every_target_and_writes_its_files(ray_local, synth_dir, 
     assert r["reference"]["calls_per_step"]["router->expert/forward"] == 2
     assert r["transport"]["bytes"] > 0 and r["transport_fraction_of_memcpy"] > 0
     assert r["small_batch_forward_ms"] > 0
-    assert [row["tokens"] for row in r["growth"]["tokens"]] == [128, 256]
+    assert [row["tokens"] for row in r["growth"]["tokens"]] == [256]
     assert [row["experts"] for row in r["growth"]["experts"]] == [4]
     assert [row["actors"] for row in r["growth"]["actors"]] == [2]
     # A workload in several series is timed once: the same figures wherever it appears.
