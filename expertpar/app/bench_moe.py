@@ -98,8 +98,8 @@ def in_process(spec: LayerSpec, steps: int, warmup: int) -> dict:
                                           for e in expert_entries(0, i, ffn)]]
     owner = ParameterOwner(entries, cfg.train)
     times = _timed(layer, [owner], _inputs(spec), range(warmup + steps))[warmup:]
-    return {"timing": Timing.of(times), "small_batch_forward_ms": small_batch_forward_ms(
-        layer, spec) if spec.tokens >= 64 else None}
+    return {"timing": Timing.of(times), "small_batch_forward_ms": small_batch_forward_ms(layer,
+                                                                                       spec)}
 
 
 def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = True) -> dict:
@@ -126,7 +126,7 @@ def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = Tr
         timing = Timing.of(_timed(layer, owners, inputs, range(warmup, warmup + steps)))
         calls = ray.get(moe.router.call_counts.remote())
         moved = [backend.links.meter.take(), ray.get(moe.router.transport.remote())]
-        small = small_batch_forward_ms(layer, spec) if spec.tokens >= 64 else None
+        small = small_batch_forward_ms(layer, spec)
     finally:
         moe.shutdown()
     return {"timing": timing, "calls_per_step": {k: v / steps for k, v in sorted(calls.items())},

@@ -86,7 +86,7 @@ class _BridgeFn(torch.autograd.Function):
         b.links.meter.add(packet[1] + reply[1], time.perf_counter() - t0 - busy)
         fctx.call = (module, key, rank, size)
         box["aux"] = {k: torch.tensor(v) for k, v in aux.items()}
-        box["stats"] = RoutingStats(*[t.clone() for t in stats], policy=policy)
+        box["stats"] = RoutingStats.from_tensors([t.clone() for t in stats], policy)
         return y_TD, torch.tensor(aux_loss, device=x_TD.device)
 
     @staticmethod

@@ -20,7 +20,7 @@ from ..moe.experts import FFN, init_expert_
 from ..moe.layer import expert_seed
 from ..train.checkpoint import read_shards
 from ..train.names import expert_entries, expert_file
-from ..train.owners import ParameterOwner
+from ..train.owners import ParameterOwner, grad_norms_of
 from .wire import Links
 
 Shard = tuple[int, int]
@@ -111,10 +111,8 @@ class ExpertActor:
     def layer_grad_norms(self, layer: int) -> torch.Tensor:
         """Per-parameter gradient norms of this layer's experts here (final after its
         backward), in the owner's order."""
-        norms = [torch.linalg.vector_norm(p.grad).float().cpu()
-                 for (L, _), ffn in self.experts.items() if L == layer
-                 for p in ffn.parameters() if p.requires_grad and p.grad is not None]
-        return torch.stack(norms) if norms else torch.zeros(0)
+        return grad_norms_of(p for (L, _), ffn in self.experts.items() if L == layer
+                             for p in ffn.parameters())
 
     # The parameter-owner calls, forwarded (an actor's methods are what Ray can call).
 

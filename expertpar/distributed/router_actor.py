@@ -28,7 +28,7 @@ from ..config import MoEConfig, TrainConfig
 from ..moe.layer import MoELayer, RouteContext
 from ..train.checkpoint import read_shards
 from ..train.names import ROUTER_FILE, gate_entries
-from ..train.owners import ParameterOwner
+from ..train.owners import ParameterOwner, grad_norms_of
 from .remote_experts import RemoteExperts
 from .wire import Links
 
@@ -177,10 +177,8 @@ class RouterActor:
         y_TD = _worker_order(out.y_TD.detach(), order)
         aux = {k: float(v) for k, v in out.aux.items()}
         aux_loss = out.aux_loss.item()
-        stats = out.stats
-        tensors = [stats.routed_ME, stats.kept_ME, stats.entropy_sum_M, stats.tokens_M,
-                   stats.unrouted_M]
-        return [(self.links.outbox(p[2]).pack([y, *tensors]), aux_loss, aux, stats.policy)
+        tensors = out.stats.tensors()
+        return [(self.links.outbox(p[2]).pack([y, *tensors]), aux_loss, aux, out.stats.policy)
                 for p, y in zip(parts, torch.split(y_TD, sizes))]
 
     def backward(self, key: str, layer: int, rank: int, size: int, packet: tuple,
@@ -202,9 +200,7 @@ class RouterActor:
         d_aux = sum(p[1] for p in parts)  # each worker holds aux / W of the global loss
         torch.autograd.backward([y_TD, aux_loss], [dy_TD, torch.tensor(d_aux)])
         moe = self.layers[layer]
-        gate = moe.gate.w_ED.grad
-        norms = torch.cat([torch.linalg.vector_norm(gate).float().reshape(1)
-                           if gate is not None else torch.zeros(0), moe.experts.norms])
+        norms = torch.cat([grad_norms_of(moe.gate.parameters()), moe.experts.norms])
         dx_TD = _worker_order(x_TD.grad, order)
         return [self.links.outbox(p[2]).pack([dx, norms])
                 for p, dx in zip(parts, torch.split(dx_TD, sizes))]

@@ -14,7 +14,7 @@ Router entropy is the mean per-token entropy of probs_TE under both policies.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -29,6 +29,14 @@ class RoutingStats:
     tokens_M: torch.Tensor  # tokens per modality
     unrouted_M: torch.Tensor  # tokens with no kept assignment (no expert at all), per modality
     policy: str = "token_choice"  # the Routing.policy these come from; decides the drop rate
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor field, in field order (to move them as one message)."""
+        return [getattr(self, f.name) for f in fields(self) if f.name != "policy"]
+
+    @staticmethod
+    def from_tensors(tensors: list[torch.Tensor], policy: str) -> "RoutingStats":
+        return RoutingStats(*tensors, policy=policy)
 
     @staticmethod
     def of(routing: Routing, modality_T: torch.Tensor) -> "RoutingStats":

@@ -54,9 +54,7 @@ class ParameterOwner:
     # ----------------------------------------------------------------- the step
 
     def grad_norms(self, step: int = -1) -> torch.Tensor:
-        norms = [torch.linalg.vector_norm(p.grad).float().cpu() for _, p in self.entries
-                 if p.grad is not None]
-        return torch.stack(norms) if norms else torch.zeros(0)
+        return grad_norms_of(self.parameters)
 
     def step(self, lr: float, clip_coef: float) -> None:
         """Scale every gradient by the global clip coefficient, step at ``lr``, clear."""
@@ -108,6 +106,13 @@ class ParameterOwner:
                     "exp_avg": tensors[f"{slot.key}::exp_avg"].clone().to(p.device),
                     "exp_avg_sq": tensors[f"{slot.key}::exp_avg_sq"].clone().to(p.device),
                     "step": tensors[f"{slot.key}::step"].clone()}
+
+
+def grad_norms_of(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Per-parameter L2 norms of the gradients there are (float32, CPU), in order."""
+    norms = [torch.linalg.vector_norm(p.grad).float().cpu() for p in parameters
+             if p.requires_grad and p.grad is not None]
+    return torch.stack(norms) if norms else torch.zeros(0)
 
 
 def _find(shards: Shards, slot: Slot, where: str) -> torch.Tensor:
