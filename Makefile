@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_DATA := data/synth
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP) $(DEMO_DATA)/dataset.json
 	$(BIN)/expertpar bench jobs/quickstart.yaml --out bench-results
+
+# On a CUDA machine: the GPU tests, then expert FFN TFLOP/s and the reference layer's
+# Ray/in-process ratio on the GPU (bench-results/gpu_check.json). Under 8 minutes.
+gpu-check: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu tests
+	$(BIN)/expertpar gpu-check --out bench-results
 
 clean:
 	rm -rf runs data/synth .pytest_cache

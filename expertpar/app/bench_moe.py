@@ -60,13 +60,18 @@ class Timing:
         return Timing(statistics.median(times), min(times), max(times))
 
 
-def _inputs(spec: LayerSpec, seed: int = 0):
+def _inputs(spec: LayerSpec, seed: int = 0, device: str = "cpu"):
     gen = torch.Generator().manual_seed(seed)
     x_TD = torch.randn(spec.tokens, spec.dim, generator=gen)
     g_TD = torch.randn(spec.tokens, spec.dim, generator=gen) / spec.tokens ** 0.5
     modality_T = torch.zeros(spec.tokens, dtype=torch.long)
     modality_T[spec.tokens * 3 // 4:] = 1  # a quarter text tokens, after the image tokens
-    return x_TD, g_TD, modality_T
+    return x_TD.to(device), g_TD.to(device), modality_T.to(device)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _step(layer, owners, x_TD, g_TD, modality_T, step: int) -> None:
@@ -84,26 +89,29 @@ def _timed(layer, owners, inputs, steps: range) -> list[float]:
     for s in steps:
         t0 = time.perf_counter()
         _step(layer, owners, *inputs, step=s)
+        _sync(inputs[0].device)
         times.append(time.perf_counter() - t0)
     for owner in owners:
         getattr(owner, "settle", lambda: None)()  # the last step's MoE update is part of it
     return times
 
 
-def in_process(spec: LayerSpec, steps: int, warmup: int) -> dict:
+def in_process(spec: LayerSpec, steps: int, warmup: int, device: str = "cpu") -> dict:
     """The reference layer's step time, and its small-batch forward latency."""
     cfg = spec.config()
-    layer = MoELayer(spec.dim, cfg.model.moe, 0, seed=0)
+    layer = MoELayer(spec.dim, cfg.model.moe, 0, seed=0).to(device)
     entries = [*gate_entries(0, layer), *[e for i, ffn in enumerate(layer.experts.experts)
                                           for e in expert_entries(0, i, ffn)]]
     owner = ParameterOwner(entries, cfg.train)
-    times = _timed(layer, [owner], _inputs(spec), range(warmup + steps))[warmup:]
-    return {"timing": Timing.of(times), "small_batch_forward_ms": small_batch_forward_ms(layer,
-                                                                                       spec)}
+    times = _timed(layer, [owner], _inputs(spec, device=device), range(warmup + steps))[warmup:]
+    return {"timing": Timing.of(times),
+            "small_batch_forward_ms": small_batch_forward_ms(layer, spec, device=device)}
 
 
-def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = True) -> dict:
-    """The Ray path's step time, with its calls and the bytes and seconds of its transport."""
+def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = True,
+           device: str = "cpu", gpus_per_actor: float = 0.0) -> dict:
+    """The Ray path's step time, with its calls and the bytes and seconds of its transport.
+    ``device``: where this process (the train worker) holds the activations."""
     import ray
 
     from ..distributed.actors import start_moe_actors
@@ -111,14 +119,14 @@ def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = Tr
     from ..distributed.runtime import RemoteOwner
 
     cfg = spec.config()
-    cfg = dataclasses.replace(cfg, experts=dataclasses.replace(cfg.experts,
-                                                               shared_memory=shared_memory))
+    cfg = dataclasses.replace(cfg, experts=dataclasses.replace(
+        cfg.experts, shared_memory=shared_memory, gpus_per_actor=gpus_per_actor))
     moe = start_moe_actors(cfg)
     try:
         backend = RayBackend(moe.router)
         layer = backend.build_layer(0, spec.dim, cfg.model.moe, 0)
         owners = [RemoteOwner(backend, lead=True)]
-        inputs = _inputs(spec)
+        inputs = _inputs(spec, device=device)
         _timed(layer, owners, inputs, range(warmup))
         ray.get(moe.router.call_counts.remote(reset=True))
         ray.get(moe.router.transport.remote())
@@ -126,7 +134,7 @@ def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = Tr
         timing = Timing.of(_timed(layer, owners, inputs, range(warmup, warmup + steps)))
         calls = ray.get(moe.router.call_counts.remote())
         moved = [backend.links.meter.take(), ray.get(moe.router.transport.remote())]
-        small = small_batch_forward_ms(layer, spec)
+        small = small_batch_forward_ms(layer, spec, device=device)
     finally:
         moe.shutdown()
     return {"timing": timing, "calls_per_step": {k: v / steps for k, v in sorted(calls.items())},
@@ -136,15 +144,18 @@ def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = Tr
             "small_batch_forward_ms": small}
 
 
-def small_batch_forward_ms(layer, spec: LayerSpec, tokens: int = 64, repeats: int = 30) -> float:
+def small_batch_forward_ms(layer, spec: LayerSpec, tokens: int = 64, repeats: int = 30,
+                           device: str = "cpu") -> float:
     """Median latency of one forward of ``tokens`` tokens through the layer (no gradient)."""
-    x_TD, _, modality_T = _inputs(dataclasses.replace(spec, tokens=tokens), seed=1)
+    x_TD, _, modality_T = _inputs(dataclasses.replace(spec, tokens=tokens), seed=1,
+                                  device=device)
     layer.eval()
     times = []
     with torch.no_grad():
         for _ in range(repeats):
             t0 = time.perf_counter()
             layer(x_TD, modality_T, RouteContext(0, 0))
+            _sync(device)
             times.append(time.perf_counter() - t0)
     layer.train()
     return statistics.median(times[3:]) * 1e3
@@ -160,3 +171,30 @@ def memcpy_seconds(nbytes: int, repeats: int = 5) -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def ffn_tflops(dim: int, hidden: int, tokens: int, *, device: str = "cpu",
+               dtype: torch.dtype | None = torch.bfloat16, repeats: int = 10) -> float:
+    """Achieved TFLOP/s of one expert FFN's forward and backward over ``tokens`` rows, under
+    autocast to ``dtype`` (None: fp32). Counts 12 * T * D * H: two matmuls of 2 * T * D * H
+    forward, twice that backward."""
+    from ..moe.experts import FFN
+
+    ffn = FFN(dim, hidden).to(device)
+    x = torch.randn(tokens, dim, device=device, requires_grad=True)
+    dev = torch.device(device).type
+
+    def once() -> None:
+        with torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None):
+            y = ffn(x)
+        y.float().sum().backward()
+
+    once()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 12 * tokens * dim * hidden / statistics.median(times) / 1e12

@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-results")
     b.add_argument("--steps", type=int, default=30)
 
+    g = sub.add_parser("gpu-check", help="expert FFN TFLOP/s and the Ray/in-process ratio on "
+                       "a CUDA GPU")
+    g.add_argument("--out", default="bench-results")
+
     d = sub.add_parser("data", help="make datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="synthetic coloured-shapes image-caption pairs")
@@ -132,6 +136,14 @@ def _bench(args) -> int:
     return 0
 
 
+def _gpu_check(args) -> int:
+    from .gpu_check import run_gpu_check
+
+    r = run_gpu_check(Path(args.out))
+    log.info("wrote %s (%.0f s)", Path(args.out) / "gpu_check.json", r["seconds"])
+    return 0
+
+
 def _data(args) -> int:
     from ..data import convert_fashion_mnist, write_synthetic
 
@@ -151,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_console(logging.WARNING if args.quiet else logging.DEBUG if args.verbose
                   else logging.INFO)
-    handler = {"train": _train, "eval": _eval, "data": _data, "bench": _bench}[args.command]
+    handler = {"train": _train, "eval": _eval, "data": _data, "bench": _bench,
+               "gpu-check": _gpu_check}[args.command]
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
