@@ -19,9 +19,9 @@ TINY = LayerSpec(dim=32, hidden=64, experts=4, top_k=2, tokens=256, actors=2)
 def test_bench_measures_every_target_and_writes_its_files(ray_local, synth_dir, tmp_path):
     cfg = tiny_config(synth_dir, tmp_path, **{
         "distributed.backend": "ray", "experts.num_actors": 2, "experts.cpus_per_actor": 0.5})
-    plan = BenchPlan(reference=TINY, layer_steps=2, layer_warmup=1, growth=TINY,
+    plan = BenchPlan(reference=TINY, layer_steps=1, layer_warmup=1, growth=TINY,
                      growth_tokens=(256,), growth_experts=(4,), growth_actors=(2,),
-                     model_steps=5, model_warmup=2)
+                     model_steps=3, model_warmup=1)
     r = run_bench(cfg, tmp_path / "bench", plan)
     out = tmp_path / "bench"
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(r))
