@@ -1,6 +1,8 @@
 """The Ray backend against the in-process reference: forward, gradients, training, resume."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import ray
 import torch
@@ -12,6 +14,7 @@ from expertpar.data import (Batch, ImageTextDataset, encode_captions, make_trans
 from expertpar.distributed.actors import start_moe_actors
 from expertpar.distributed.bridge import RayBackend
 from expertpar.distributed.runtime import RemoteOwner
+from expertpar.distributed.wire import shm_dir
 from expertpar.moe import MoELayer, RouteContext
 from expertpar.train.checkpoint import latest_checkpoint, read_shards
 from expertpar.train.loop import dense_owner
@@ -136,7 +139,8 @@ def _tensors(run_dir):
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
-def test_two_workers_train_like_one_process(ray_local, synth_dir, tmp_path, routing):
+def test_two_workers_train_like_one_process_and_leave_no_shared_buffers(ray_local, synth_dir,
+                                                                         tmp_path, routing):
     common = {"train.steps": 5, "train.checkpoint_every": 5, "model.moe.capacity_factor": 1.0,
               **routed(routing)}
     ref = train(tiny_config(synth_dir, tmp_path / "local", **common))
@@ -159,6 +163,8 @@ def test_two_workers_train_like_one_process(ray_local, synth_dir, tmp_path, rout
             errors[(file, key)] = float((got_ - want).norm() / want.norm().clamp_min(1e-30))
     worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
     assert max(errors.values()) <= 1e-5, worst
+    # Every buffer was mapped by its receiver, which removed its name: nothing is left.
+    assert not [n for n in os.listdir(shm_dir()) if n.startswith("expertpar-wire")]
 
 
 def test_resume_with_other_actor_and_worker_counts(ray_local, synth_dir, tmp_path):

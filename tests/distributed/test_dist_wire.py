@@ -34,7 +34,10 @@ def test_a_message_comes_back_equal_in_one_aligned_buffer(shared):
 
 def test_the_receiver_reads_the_senders_buffer_in_place():
     box, inbox = Outbox(shared=True), Inbox()
-    (view,) = inbox.unpack(box.pack([torch.ones(4)]))
+    message = box.pack([torch.ones(4)])
+    (view,) = inbox.unpack(message)
+    # Mapped at both ends, the file's name is gone: a killed process leaves nothing behind.
+    assert not os.path.exists(Packet(*message).path)
     box.pack([torch.full((4,), 5.0)])  # the next message reuses the buffer...
     assert torch.equal(view, torch.full((4,), 5.0))  # ...which is why receivers copy to keep
     box.close()
@@ -47,6 +50,7 @@ def test_a_bigger_message_grows_the_buffer_into_a_new_file_and_removes_the_old()
     big = box.pack([big_t])
     assert Packet(*big).path != small.path and not os.path.exists(small.path)
     assert torch.equal(inbox.unpack(big)[0], big_t)
+    assert torch.equal(inbox.unpack(box.pack([big_t * 2]))[0], big_t * 2)  # mapped once
     box.close()
     assert not os.path.exists(Packet(*big).path)
 
