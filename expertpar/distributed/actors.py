@@ -11,8 +11,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import (placement_group, placement_group_table,
+                                      remove_placement_group)
+from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
+                                            PlacementGroupSchedulingStrategy)
 
 from ..config import Config
 from .expert_actor import ExpertActor
@@ -30,6 +32,7 @@ class MoEActors:
     hosts: list[list[tuple[int, int]]]
     pg: object
     infos: list[dict]  # per actor: node, shards, resources, device
+    router_node: str = ""  # the node the router runs on
 
     def failure_summary(self, timeout_s: float = 10.0) -> str:
         """Which MoE actors are gone (after a failed job), in words."""
@@ -90,9 +93,13 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
             **hide_gpus,
         ).remote(host, cfg.model.dim, cfg.model.moe, cfg.train, cfg.run.seed, checkpoint,
                  ex.shared_memory))
+    # The router goes where the experts are (the first bundle's node): with 0 CPUs it
+    # could otherwise land on a GPU-less head, one network hop from workers and experts alike.
+    near_experts = NodeAffinitySchedulingStrategy(
+        node_id=placement_group_table(pg)["bundles_to_node_id"][0], soft=False)
     router = ray.remote(RouterActor).options(
         name=f"expertpar-{cfg.run.name}-{tag}-router", num_cpus=ex.router_cpus,
-        max_concurrency=4 * cfg.distributed.num_workers + 8,
+        max_concurrency=4 * cfg.distributed.num_workers + 8, scheduling_strategy=near_experts,
     ).remote(cfg.model.dim, cfg.model.moe, cfg.train, L, cfg.run.seed, actors,
              owner_table(hosts), checkpoint, ex.shared_memory, ex.router_threads)
     moe = MoEActors(router, actors, hosts, pg, [])
@@ -104,6 +111,7 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
         ray.get([h.set_threads.remote(n) for h, n in zip(actors, threads)])
         moe.infos = infos
         ray.get(router.grad_norms.remote(-1))  # the router is up and reaches every actor
+        moe.router_node = ray.get(router.address.remote())[1]
     except Exception:
         moe.shutdown()
         raise

@@ -27,7 +27,8 @@ def cluster():
     c.shutdown()
 
 
-def test_expert_actors_spread_over_nodes_with_their_gpu_share(cluster, synth_dir, tmp_path):
+def test_expert_actors_spread_over_nodes_with_their_gpu_share_and_the_router_joins_them(
+        cluster, synth_dir, tmp_path):
     cfg = tiny_config(synth_dir, tmp_path, **{
         "distributed.backend": "ray", "experts.num_actors": 2, "experts.cpus_per_actor": 1,
         "experts.gpus_per_actor": 0.5, "experts.placement": "spread", "train.steps": 3,
@@ -43,6 +44,8 @@ def test_expert_actors_spread_over_nodes_with_their_gpu_share(cluster, synth_dir
     nodes = {a["node_id"] for a in actors}
     head = ray.get_runtime_context().get_node_id()
     assert len(nodes) == 2 and head not in nodes
+    # The router (0 CPUs: it could go anywhere) runs beside the experts, not on the head.
+    assert topo["router"]["node_id"] in nodes
     # Each actor holds the fractional GPU share the config gives it.
     for a in actors:
         assert a["resources"].get("GPU") == pytest.approx(0.5)
