@@ -38,6 +38,18 @@ class RayBackend:
     def build_layer(self, layer_index: int, dim: int, cfg: MoEConfig, seed: int) -> nn.Module:
         return RemoteMoE(self, layer_index, cfg)
 
+    def round_trip(self, method: str, tensors: list[torch.Tensor], *args, **kwargs):
+        """One call to the router: ``tensors`` as one message, the rest as arguments. Returns
+        the reply's tensors (views into the router's reply buffer: copy what you keep) and its
+        other values, and books the bytes and the seconds not spent in the router."""
+        t0 = time.perf_counter()
+        packet = self.links.outbox(self.router_address).pack(tensors)
+        reply, *rest, busy = ray.get(getattr(self.router, method).remote(
+            *args, packet=packet, reply_to=self.links.address, **kwargs))
+        tensors_back = self.links.inbox.unpack(reply)
+        self.links.meter.add(packet[1] + reply[1], time.perf_counter() - t0 - busy)
+        return tensors_back, rest
+
     def take_norms(self, step: int) -> torch.Tensor | None:
         """The gate and expert gradient norms of training step ``step``, gathered from the
         backward replies (None when no MoE layer ran backward)."""
@@ -75,30 +87,22 @@ class _BridgeFn(torch.autograd.Function):
     @staticmethod
     def forward(fctx, x_TD, modality_T, module: RemoteMoE, key, rank, size, ctx, box):
         b = module.backend
-        t0 = time.perf_counter()
-        packet = b.links.outbox(b.router_address).pack([x_TD, modality_T])
-        reply, aux_loss, aux, policy, busy = ray.get(b.router.forward.remote(
-            key, module.layer_index, rank, size, packet, module.training, ctx.seed, ctx.step,
-            b.stepped, b.links.address))
-        # A copy out of the router's reply buffer, which it reuses on its next reply.
-        y_TD, *stats = b.links.inbox.unpack(reply)
-        y_TD = y_TD.to(x_TD.device, x_TD.dtype, copy=True)
-        b.links.meter.add(packet[1] + reply[1], time.perf_counter() - t0 - busy)
+        (y_TD, *stats), (aux_loss, aux, policy) = b.round_trip(
+            "forward", [x_TD, modality_T], key, module.layer_index, rank, size,
+            training=module.training, seed=ctx.seed, step=ctx.step, after=b.stepped)
         fctx.call = (module, key, rank, size)
         box["aux"] = {k: torch.tensor(v) for k, v in aux.items()}
         box["stats"] = RoutingStats.from_tensors([t.clone() for t in stats], policy)
-        return y_TD, torch.tensor(aux_loss, device=x_TD.device)
+        # A copy out of the router's reply buffer, which it reuses on its next reply.
+        return y_TD.to(x_TD.device, x_TD.dtype, copy=True), torch.tensor(aux_loss,
+                                                                       device=x_TD.device)
 
     @staticmethod
     def backward(fctx, dy_TD, d_aux):
         module, key, rank, size = fctx.call
         b = module.backend
-        t0 = time.perf_counter()
-        packet = b.links.outbox(b.router_address).pack([dy_TD])
-        reply, busy = ray.get(b.router.backward.remote(
-            key, module.layer_index, rank, size, packet, float(d_aux), b.links.address))
-        dx_TD, norms = b.links.inbox.unpack(reply)
-        dx_TD = dx_TD.to(dy_TD.device, dy_TD.dtype, copy=True)
-        b.links.meter.add(packet[1] + reply[1], time.perf_counter() - t0 - busy)
+        (dx_TD, norms), _ = b.round_trip("backward", [dy_TD], key, module.layer_index, rank,
+                                         size, d_aux=float(d_aux))
         b.norms.setdefault(key, {})[module.layer_index] = norms.clone()
-        return dx_TD, None, None, None, None, None, None, None
+        return (dx_TD.to(dy_TD.device, dy_TD.dtype, copy=True),
+                None, None, None, None, None, None, None)
