@@ -140,34 +140,39 @@ def model_step(cfg: Config, out_dir: Path, steps: int, warmup: int) -> dict:
     }
 
 
-_MEASURED: dict = {}  # (path, spec, shared memory) -> result, within one run_bench
+class _Layers:
+    """Layer workloads timed in one run: each is timed once, however many series it is in."""
+
+    def __init__(self, plan: BenchPlan):
+        self.plan = plan
+        self.done: dict = {}  # (path, spec, shared memory) -> result
+
+    def _measure(self, path: str, spec: LayerSpec, shared_memory: bool = True) -> dict:
+        p = self.plan
+        # The in-process path has no actors: one timing serves every actor count.
+        key = (path, spec if path == "ray" else dataclasses.replace(spec, actors=0),
+               shared_memory)
+        if key not in self.done:
+            self.done[key] = (bench_moe.in_process(spec, p.layer_steps, p.layer_warmup)
+                              if path == "in_process" else
+                              bench_moe.on_ray(spec, p.layer_steps, p.layer_warmup,
+                                               shared_memory=shared_memory))
+        return self.done[key]
+
+    def pair(self, spec: LayerSpec, *, shared_memory: bool = True) -> dict:
+        local = self._measure("in_process", spec)
+        ray_ = self._measure("ray", spec, shared_memory)
+        a, b = local["timing"], ray_["timing"]
+        return {"layer": dataclasses.asdict(spec), "shared_memory": shared_memory,
+                "in_process_step_s": a.median_s, "ray_step_s": b.median_s,
+                "ratio": b.median_s / a.median_s,
+                "in_process_spread_s": [a.min_s, a.max_s], "ray_spread_s": [b.min_s, b.max_s],
+                "calls_per_step": ray_["calls_per_step"], "transport": ray_["transport"],
+                "small_batch_forward_ms": {"in_process": local["small_batch_forward_ms"],
+                                           "ray": ray_["small_batch_forward_ms"]}}
 
 
-def _measure(path: str, spec: LayerSpec, plan: BenchPlan, shared_memory: bool = True) -> dict:
-    """Each workload is timed once per run, however many series it belongs to."""
-    key = (path, spec if path == "ray" else dataclasses.replace(spec, actors=0), shared_memory)
-    if key not in _MEASURED:
-        _MEASURED[key] = (bench_moe.in_process(spec, plan.layer_steps, plan.layer_warmup)
-                          if path == "in_process" else
-                          bench_moe.on_ray(spec, plan.layer_steps, plan.layer_warmup,
-                                           shared_memory=shared_memory))
-    return _MEASURED[key]
-
-
-def _layer_pair(spec: LayerSpec, plan: BenchPlan, *, shared_memory: bool = True) -> dict:
-    local = _measure("in_process", spec, plan)
-    ray_ = _measure("ray", spec, plan, shared_memory)
-    a, b = local["timing"], ray_["timing"]
-    return {"layer": dataclasses.asdict(spec), "shared_memory": shared_memory,
-            "in_process_step_s": a.median_s, "ray_step_s": b.median_s,
-            "ratio": b.median_s / a.median_s,
-            "in_process_spread_s": [a.min_s, a.max_s], "ray_spread_s": [b.min_s, b.max_s],
-            "calls_per_step": ray_["calls_per_step"], "transport": ray_["transport"],
-            "small_batch_forward_ms": {"in_process": local["small_batch_forward_ms"],
-                                       "ray": ray_["small_batch_forward_ms"]}}
-
-
-def _growth(plan: BenchPlan) -> dict:
+def _growth(plan: BenchPlan, layers: _Layers) -> dict:
     g = plan.growth
     series = {"tokens": [dataclasses.replace(g, tokens=t) for t in plan.growth_tokens],
               "experts": [dataclasses.replace(g, experts=e, actors=min(g.actors, e))
@@ -177,7 +182,7 @@ def _growth(plan: BenchPlan) -> dict:
     for name, specs in series.items():
         rows = []
         for spec in specs:
-            pair = _layer_pair(spec, plan)
+            pair = layers.pair(spec)
             rows.append({"tokens": spec.tokens, "experts": spec.experts, "actors": spec.actors,
                          "in_process_step_s": pair["in_process_step_s"],
                          "ray_step_s": pair["ray_step_s"], "ratio": pair["ratio"]})
@@ -202,17 +207,17 @@ def run_bench(cfg: Config, out_dir: Path, plan: BenchPlan = BenchPlan()) -> dict
         cfg.experts, num_actors=max(cfg.experts.num_actors, *plan.growth_actors,
                                     plan.reference.actors, 4))))
     t_start = time.perf_counter()
-    _MEASURED.clear()
+    layers = _Layers(plan)
     try:
-        reference = _layer_pair(plan.reference, plan)
+        reference = layers.pair(plan.reference)
         log.info("reference layer, 2 actors: in process %.3f s, Ray %.3f s (%.2fx)",
                  reference["in_process_step_s"], reference["ray_step_s"], reference["ratio"])
-        four = _layer_pair(dataclasses.replace(plan.reference, actors=4), plan)
-        store = _layer_pair(plan.reference, plan, shared_memory=False)
+        four = layers.pair(dataclasses.replace(plan.reference, actors=4))
+        store = layers.pair(plan.reference, shared_memory=False)
         model = model_step(cfg, out_dir, plan.model_steps, plan.model_warmup)
         log.info("%s model: in process %.1f ms, Ray %.1f ms (%.2fx)", cfg.run.name,
                  model["in_process_step_s"] * 1e3, model["ray_step_s"] * 1e3, model["ratio"])
-        growth = _growth(plan)
+        growth = _growth(plan, layers)
     finally:
         if started:
             ray.shutdown()
