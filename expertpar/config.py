@@ -91,6 +91,9 @@ class MoEConfig:
     z_loss_weight: float = 0.001  # ST-MoE router z-loss weight
     local_entropy_weight: float = 0.0  # LIMoE, per modality; pushes each token to be decisive
     global_entropy_weight: float = 0.0  # LIMoE, per modality; pushes experts to be used evenly
+    # the expert FFNs' matmuls: float32, or bfloat16 under autocast (weights, gradients and
+    # optimizer state stay float32; the gate and routing always run in float32)
+    expert_precision: Literal["float32", "bfloat16"] = "float32"
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
@@ -210,7 +213,10 @@ class DistributedConfig:
     backend: Literal["local", "ray"] = "local"  # local: one process; ray: expert actors
     address: Optional[str] = None  # Ray address ("auto", "ray://..."); null: RAY_ADDRESS or embedded
     num_workers: int = 1  # Ray Train workers running the data-parallel dense part
-    use_gpu: bool = False  # one GPU per train worker
+    use_gpu: bool = False  # train workers on GPUs (gpus_per_worker each)
+    # GPU share of a train worker when use_gpu; a fraction lets the workers and GPU expert
+    # actors share one GPU (a one-GPU workstation: 0.5 here, 0.25 per expert actor)
+    gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0  # CPUs reserved per train worker
     embedded_num_cpus: Optional[int] = None  # logical CPUs of an embedded Ray (null: enough)
     # torch threads of a train worker's dense part; null: its node's cores shared by the
@@ -225,6 +231,12 @@ class DistributedConfig:
             bad.append(("threads_per_worker", "must be >= 1 or null"))
         if self.cpus_per_worker < 0:
             bad.append(("cpus_per_worker", "must be >= 0"))
+        if not self.gpus_per_worker > 0 or (self.gpus_per_worker > 1 and
+                                            self.gpus_per_worker != int(self.gpus_per_worker)):
+            bad.append(("gpus_per_worker", "must be a fraction in (0, 1] or a whole number"))
+        elif self.gpus_per_worker != 1.0 and not self.use_gpu:
+            bad.append(("gpus_per_worker", "is set but use_gpu is false: the workers would "
+                        "hold no GPU; set distributed.use_gpu: true"))
         if self.embedded_num_cpus is not None and self.embedded_num_cpus < 1:
             bad.append(("embedded_num_cpus", "must be >= 1 or null"))
         return bad

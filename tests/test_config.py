@@ -529,3 +529,24 @@ def test_thread_counts_are_positive_or_null(key):
     assert config_from_dict({"data": {"train": "d"}}, [f"{key}=2"])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_from_dict({"data": {"train": "d"}}, [f"{key}=0"])
+
+
+def test_a_gpu_share_per_worker_reaches_ray_train_and_needs_use_gpu():
+    from expertpar.app.ray_job import scaling
+    tree = {"data": {"train": "d"}, "train": {"device": "cuda"},
+            "distributed": {"backend": "ray", "use_gpu": True, "gpus_per_worker": 0.5}}
+    assert scaling(config_from_dict(tree)) == {
+        "num_workers": 1, "use_gpu": True, "resources_per_worker": {"CPU": 1.0, "GPU": 0.5}}
+    assert scaling(config_from_dict({"data": {"train": "d"}}))["resources_per_worker"] == {
+        "CPU": 1.0}
+    with pytest.raises(ConfigError, match=r"distributed\.gpus_per_worker.*use_gpu is false"):
+        config_from_dict({"data": {"train": "d"}, "distributed": {"gpus_per_worker": 0.5}})
+    for bad in (0, 1.5, -1):
+        with pytest.raises(ConfigError, match=rf"distributed\.gpus_per_worker.*{bad}"):
+            config_from_dict({**tree, "distributed": {"use_gpu": True, "gpus_per_worker": bad}})
+
+
+def test_an_unknown_expert_precision_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match=r"model\.moe\.expert_precision.*float16.*bfloat16"):
+        config_from_dict({"data": {"train": "d"},
+                          "model": {"moe": {"expert_precision": "float16"}}})

@@ -32,6 +32,7 @@ class LayerSpec:
     capacity_factor: float = 1.25
     tokens: int = 8192
     actors: int = 2
+    precision: str = "float32"  # the experts' matmuls (model.moe.expert_precision)
 
     def config(self) -> Config:
         """A one-MoE-layer model config carrying this layer (what start_moe_actors reads)."""
@@ -43,7 +44,8 @@ class LayerSpec:
                       "moe": {"num_experts": self.experts, "top_k": self.top_k, "every": 2,
                               "expert_hidden": self.hidden,
                               "capacity_factor": self.capacity_factor,
-                              "eval_capacity_factor": self.capacity_factor}},
+                              "eval_capacity_factor": self.capacity_factor,
+                              "expert_precision": self.precision}},
             "train": {"lr": 1e-3, "grad_clip": 1.0},
             "distributed": {"backend": "ray"},
             "experts": {"num_actors": self.actors, "cpus_per_actor": 0.5}})

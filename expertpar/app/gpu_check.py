@@ -7,6 +7,7 @@ sharing the GPU. It writes ``gpu_check.json`` and prints one line per figure.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -50,29 +51,37 @@ def run_gpu_check(out_dir: Path, *, steps: int = 5, warmup: int = 2,
         log.info("expert FFN bf16, %s: %.1f TFLOP/s%s", label, tflops,
                  f" ({tflops / peak:.0%} of the {peak:.0f} TFLOP/s peak of {name})"
                  if peak else f" ({name}: peak not in the table)")
-    local = bench_moe.in_process(ref, steps, warmup, device="cuda")
     started = False
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         started = True
+    reference = {}
     try:
-        remote = bench_moe.on_ray(LayerSpec(actors=actors), steps, warmup, device="cuda",
-                                  gpus_per_actor=1.0 / actors)
+        # The reference layer with float32 experts, then with bfloat16 ones (tensor cores).
+        for precision in ("float32", "bfloat16"):
+            spec = dataclasses.replace(ref, precision=precision)
+            local = bench_moe.in_process(spec, steps, warmup, device="cuda")
+            remote = bench_moe.on_ray(dataclasses.replace(spec, actors=actors), steps, warmup,
+                                      device="cuda", gpus_per_actor=1.0 / actors)
+            ratio = remote["timing"].median_s / local["timing"].median_s
+            log.info("reference MoE layer, %s experts, on %s: in process %.1f ms, Ray path "
+                     "(%d expert actors sharing the GPU) %.1f ms: %.2fx", precision, name,
+                     local["timing"].median_s * 1e3, actors, remote["timing"].median_s * 1e3,
+                     ratio)
+            reference[precision] = {"in_process_step_s": local["timing"].median_s,
+                                    "ray_step_s": remote["timing"].median_s, "ratio": ratio,
+                                    "actors": actors, "transport": remote["transport"]}
     finally:
         if started:
             ray.shutdown()
-    ratio = remote["timing"].median_s / local["timing"].median_s
-    log.info("reference MoE layer on %s: in process %.1f ms, Ray path (%d expert actors "
-             "sharing the GPU) %.1f ms: %.2fx", name, local["timing"].median_s * 1e3, actors,
-             remote["timing"].median_s * 1e3, ratio)
     result = {"date": datetime.date.today().isoformat(), "gpu": name,
               "gpus": torch.cuda.device_count(), "torch": torch.__version__,
               "cuda": torch.version.cuda, "ray": ray.__version__,
               "peak_bf16_tflops": peak, "ffn_bf16_tflops": ffn,
               "ffn_fraction_of_peak": {k: v / peak for k, v in ffn.items()} if peak else None,
-              "reference": {"in_process_step_s": local["timing"].median_s,
-                            "ray_step_s": remote["timing"].median_s, "ratio": ratio,
-                            "actors": actors, "transport": remote["transport"]},
+              # the issue's keys (float32), and the same with bfloat16 experts
+              "reference": reference["float32"],
+              "reference_bfloat16_experts": reference["bfloat16"],
               "seconds": time.perf_counter() - t_start}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1))

@@ -104,6 +104,16 @@ def forwarded_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
 
 
+def scaling(cfg: Config) -> dict:
+    """Ray Train's ScalingConfig arguments: the workers' count, CPUs and GPU shares."""
+    d = cfg.distributed
+    resources = {"CPU": d.cpus_per_worker}
+    if d.use_gpu:
+        resources["GPU"] = d.gpus_per_worker
+    return {"num_workers": d.num_workers, "use_gpu": d.use_gpu,
+            "resources_per_worker": resources}
+
+
 def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -145,9 +155,7 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
                                         start=spec.start, end=spec.end),
                 # Each worker reads its own dataset (its slice of every global batch, in order).
                 dataset_config=train_data_config(),
-                scaling_config=ScalingConfig(
-                    num_workers=cfg.distributed.num_workers, use_gpu=cfg.distributed.use_gpu,
-                    resources_per_worker={"CPU": cfg.distributed.cpus_per_worker}),
+                scaling_config=ScalingConfig(**scaling(cfg)),
                 run_config=RunConfig(
                     name=cfg.run.name, storage_path=str(run_dir / "ray_train"),
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import MoEConfig, TrainConfig
-from ..moe.experts import FFN, init_expert_
+from ..moe.experts import FFN, init_expert_, run_expert
 from ..moe.layer import expert_seed
 from ..train.checkpoint import read_shards
 from ..train.names import expert_entries, expert_file
@@ -41,6 +41,7 @@ class ExpertActor:
                  seed: int, checkpoint: str | None = None, shared_memory: bool = True):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.device = actor_device()
+        self.precision = moe.expert_precision
         self.experts: dict[Shard, FFN] = {}
         for layer, expert in shards:
             ffn = FFN(dim, moe.expert_hidden)
@@ -84,11 +85,11 @@ class ExpertActor:
             if grad:
                 # A copy: the sender reuses its buffer, and fc1 keeps its input for backward.
                 x_ND = x.to(self.device, copy=True).requires_grad_(True)
-                y_ND = ffn(x_ND)
+                y_ND = run_expert(ffn, x_ND, self.precision)
                 saved[expert] = (x_ND, y_ND)
             else:
                 with torch.no_grad():
-                    y_ND = ffn(x.to(self.device))
+                    y_ND = run_expert(ffn, x.to(self.device), self.precision)
             ys.append(y_ND.detach())
         busy = time.perf_counter() - t0
         return self.links.outbox(reply_to).pack(ys), busy

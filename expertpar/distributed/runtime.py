@@ -27,6 +27,8 @@ from ..train.step import SingleProcess, TorchDistributed
 from .bridge import RayBackend
 from .data import dataset_name, iter_worker_batches
 
+log = logging.getLogger("expertpar")
+
 
 @dataclass(frozen=True)
 class WorkerPayload:
@@ -100,6 +102,9 @@ class RayRuntime:
         self.owners = [dense, RemoteOwner(backend, lead=rank == 0)]
         self.rank, self.world = rank, world
         self.eval_location = spec.eval_location
+        log.info("train worker %d of %d on %s (%s), %d torch threads", rank, world, self.device,
+                 f"GPUs {ray.get_gpu_ids()}" if ray.get_gpu_ids() else "no GPU",
+                 torch.get_num_threads())
 
     def batches(self, start: int, end: int) -> Iterator[Batch]:
         shard = ray.train.get_dataset_shard(dataset_name(self.rank))

@@ -7,6 +7,8 @@ is written once.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +36,17 @@ def init_expert_(expert: FFN, seed: int) -> None:
             lin.bias.zero_()
 
 
+def run_expert(ffn: FFN, x_ND: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+    """One expert on its rows. ``precision`` bfloat16 runs its matmuls under autocast (the
+    tensor cores' rate on a GPU) while its weights stay float32; the output comes back in the
+    input's dtype, so combining and everything after it stays float32."""
+    if precision == "float32":
+        return ffn(x_ND)
+    with torch.autocast(x_ND.device.type, dtype=getattr(torch, precision)):
+        y_ND = ffn(x_ND)
+    return y_ND.to(x_ND.dtype)
+
+
 class ExpertBackend(nn.Module):
     """Interface: ``forward(x_AD, counts_E) -> y_AD`` for one MoE layer's experts."""
 
@@ -44,12 +57,14 @@ class ExpertBackend(nn.Module):
 class LocalExperts(ExpertBackend):
     """The in-process reference: a readable loop over experts."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int):
+    def __init__(self, num_experts: int, dim: int, hidden: int, precision: str = "float32"):
         super().__init__()
         self.experts = nn.ModuleList(FFN(dim, hidden) for _ in range(num_experts))
+        self.precision = precision
 
     def forward(self, x_AD: torch.Tensor, counts_E: tuple[int, ...]) -> torch.Tensor:
         pieces = torch.split(x_AD, list(counts_E))
         # An expert with no rows is skipped: it costs nothing and adds no gradient.
-        outs = [self.experts[e](x) if x.shape[0] else x for e, x in enumerate(pieces)]
+        outs = [run_expert(self.experts[e], x, self.precision) if x.shape[0] else x
+                for e, x in enumerate(pieces)]
         return torch.cat(outs, dim=0) if outs else x_AD

@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_config
 from expertpar.app import train
+from expertpar.config import MoEConfig
 from expertpar.data import (Batch, ImageTextDataset, encode_captions, make_transform,
                             train_tokenizer, vocab_size)
 from expertpar.distributed.actors import start_moe_actors
@@ -130,6 +131,36 @@ def test_expert_with_no_tokens_does_not_block(ray_local, synth_dir, tmp_path):
         (out.y_TD.sum() + out.aux_loss).backward()
         assert rel_err(out_r.y_TD, out.y_TD) <= 1e-5
         assert rel_err(xr.grad, xt.grad) <= 1e-5
+    finally:
+        moe.shutdown()
+
+
+def test_bfloat16_experts_on_actors_match_bfloat16_experts_in_process(ray_local, synth_dir,
+                                                                       tmp_path):
+    cfg = tiny_config(synth_dir, tmp_path, **{"distributed.backend": "ray",
+                                              "experts.num_actors": 2,
+                                              "experts.cpus_per_actor": 0.5,
+                                              "model.moe.top_k": 2,
+                                              "model.moe.expert_precision": "bfloat16"})
+    moe = start_moe_actors(cfg)
+    try:
+        layer = RayBackend(moe.router).build_layer(0, cfg.model.dim, cfg.model.moe, 0)
+        ref = MoELayer(cfg.model.dim, cfg.model.moe, 0, seed=0)
+        gen = torch.Generator().manual_seed(5)
+        x = torch.randn(48, cfg.model.dim, generator=gen)
+        g = torch.randn(48, cfg.model.dim, generator=gen)
+        modality = (torch.arange(48) >= 32).long()
+        xr, xl = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out_r, out_l = layer(xr, modality, RouteContext(0, 0)), ref(xl, modality,
+                                                                    RouteContext(0, 0))
+        # The same bf16 matmuls on the same rows: equal to float32 rounding, not bf16's.
+        assert rel_err(out_r.y_TD, out_l.y_TD) <= 1e-5
+        (out_r.y_TD * g).sum().backward()
+        (out_l.y_TD * g).sum().backward()
+        assert rel_err(xr.grad, xl.grad) <= 1e-5
+        ref32 = MoELayer(cfg.model.dim, MoEConfig(**{**cfg.model.moe.__dict__,
+                                                     "expert_precision": "float32"}), 0, seed=0)
+        assert rel_err(out_r.y_TD, ref32(x, modality, RouteContext(0, 0)).y_TD) > 1e-5
     finally:
         moe.shutdown()
 

@@ -334,3 +334,29 @@ def test_dropless_layer_never_drops_even_when_all_tokens_pick_one_expert():
     ref, _, _ = slow_reference(dl, x, None)
     torch.testing.assert_close(out.y_TD, ref)
     assert F.l1_loss(out.y_TD[2], torch.zeros(2)) > 0
+
+
+def test_bfloat16_experts_round_their_matmuls_but_route_and_keep_weights_in_float32():
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=64, dropless=True)
+    fp32 = MoELayer(32, cfg, 0, seed=1)
+    bf16 = MoELayer(32, MoEConfig(**{**cfg.__dict__, "expert_precision": "bfloat16"}), 0, seed=1)
+    randomise_(fp32, seed=2)
+    bf16.load_state_dict(fp32.state_dict())
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    modality = (torch.arange(64) >= 40).long()
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_a, out_b = fp32(xa, modality), bf16(xb, modality)
+    # Routing is float32 in both: the same choices and the same auxiliary loss.
+    assert torch.equal(out_a.stats.routed_ME, out_b.stats.routed_ME)
+    assert float(out_b.aux_loss.detach()) == float(out_a.aux_loss.detach())
+    # The outputs come back in float32, near the float32 layer's but rounded (bf16: 8 bits).
+    assert out_b.y_TD.dtype == torch.float32
+    y_a, y_b = out_a.y_TD.detach(), out_b.y_TD.detach()
+    err = float((y_b - y_a).abs().max() / y_a.abs().max())
+    assert 1e-5 < err < 3e-2
+    (out_a.y_TD.square().sum()).backward()
+    (out_b.y_TD.square().sum()).backward()
+    for p in bf16.experts.parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+    g_err = float((xb.grad - xa.grad).abs().max() / xa.grad.abs().max())
+    assert 1e-5 < g_err < 5e-2
