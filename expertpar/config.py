@@ -249,6 +249,9 @@ class ExpertsConfig:
     gpus_per_actor: float = 0.0  # fractional shares allowed, e.g. 0.25
     placement: Literal["spread", "pack"] = "spread"  # placement-group strategy over nodes
     router_cpus: float = 0.0  # the router only gates and moves tokens; experts compute
+    # GPU share of the router, taken beside the first expert actor on its GPU: the gate and
+    # dispatch run there, and tokens between processes on that GPU stay on it (CUDA IPC)
+    router_gpus: float = 0.0
     # torch threads of the router; null: its node's cores (it works while the others wait)
     router_threads: Optional[int] = None
     # torch threads of an expert actor; null: its node's cores shared by the actors there
@@ -263,9 +266,13 @@ class ExpertsConfig:
         for key in ("router_threads", "threads_per_actor"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 bad.append((key, "must be >= 1 or null"))
-        for key in ("cpus_per_actor", "gpus_per_actor", "router_cpus"):
+        for key in ("cpus_per_actor", "gpus_per_actor", "router_cpus", "router_gpus"):
             if getattr(self, key) < 0:
                 bad.append((key, "must be >= 0"))
+        if self.router_gpus > 0 and self.gpus_per_actor + self.router_gpus > 1:
+            bad.append(("router_gpus", f"with gpus_per_actor {self.gpus_per_actor} must leave "
+                        f"gpus_per_actor + router_gpus <= 1: the router shares the first expert "
+                        f"actor's GPU"))
         if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
             bad.append(("gpus_per_actor", "must be a fraction <= 1 or a whole number"))
         return bad

@@ -550,3 +550,14 @@ def test_an_unknown_expert_precision_is_refused_with_the_choices():
     with pytest.raises(ConfigError, match=r"model\.moe\.expert_precision.*float16.*bfloat16"):
         config_from_dict({"data": {"train": "d"},
                           "model": {"moe": {"expert_precision": "float16"}}})
+
+
+def test_a_router_gpu_share_must_fit_on_the_first_expert_actors_gpu():
+    ok = config_from_dict({"data": {"train": "d"},
+                           "experts": {"gpus_per_actor": 0.5, "router_gpus": 0.25}})
+    assert ok.experts.router_gpus == 0.25
+    with pytest.raises(ConfigError, match=r"experts\.router_gpus.*gpus_per_actor \+ router_gpus"):
+        config_from_dict({"data": {"train": "d"},
+                          "experts": {"gpus_per_actor": 1, "router_gpus": 0.25}})
+    with pytest.raises(ConfigError, match=r"experts\.router_gpus.*>= 0"):
+        config_from_dict({"data": {"train": "d"}, "experts": {"router_gpus": -0.5}})

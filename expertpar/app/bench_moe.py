@@ -111,7 +111,7 @@ def in_process(spec: LayerSpec, steps: int, warmup: int, device: str = "cpu") ->
 
 
 def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = True,
-           device: str = "cpu", gpus_per_actor: float = 0.0) -> dict:
+           device: str = "cpu", gpus_per_actor: float = 0.0, router_gpus: float = 0.0) -> dict:
     """The Ray path's step time, with its calls and the bytes and seconds of its transport.
     ``device``: where this process (the train worker) holds the activations."""
     import ray
@@ -122,10 +122,11 @@ def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = Tr
 
     cfg = spec.config()
     cfg = dataclasses.replace(cfg, experts=dataclasses.replace(
-        cfg.experts, shared_memory=shared_memory, gpus_per_actor=gpus_per_actor))
+        cfg.experts, shared_memory=shared_memory, gpus_per_actor=gpus_per_actor,
+        router_gpus=router_gpus))
     moe = start_moe_actors(cfg)
     try:
-        backend = RayBackend(moe.router)
+        backend = RayBackend(moe.router, device=device)
         layer = backend.build_layer(0, spec.dim, cfg.model.moe, 0)
         owners = [RemoteOwner(backend, lead=True)]
         inputs = _inputs(spec, device=device)
@@ -142,7 +143,8 @@ def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = Tr
     return {"timing": timing, "calls_per_step": {k: v / steps for k, v in sorted(calls.items())},
             # The worker<->router and router<->expert links, per step.
             "transport": {"bytes": sum(m["bytes"] for m in moved) / steps,
-                          "seconds": sum(m["seconds"] for m in moved) / steps},
+                          "seconds": sum(m["seconds"] for m in moved) / steps,
+                          "gpu_bytes": sum(m["gpu_bytes"] for m in moved) / steps},
             "small_batch_forward_ms": small}
 
 

@@ -3,7 +3,9 @@
 ``make gpu-check`` runs the GPU tests first, then this: the expert FFN's achieved bf16 TFLOP/s
 against the GPU's dense bf16 peak (at the reference layer's size and at a large one), and the
 reference MoE layer's step on the GPU in process against the Ray path with its expert actors
-sharing the GPU. It writes ``gpu_check.json`` and prints one line per figure.
+sharing the GPU: with the router on the CPU (tokens cross the host), on the GPU (tokens stay
+there, CUDA IPC), and on the GPU with bfloat16 experts. It writes ``gpu_check.json`` and
+prints one line per figure.
 """
 from __future__ import annotations
 
@@ -55,22 +57,31 @@ def run_gpu_check(out_dir: Path, *, steps: int = 5, warmup: int = 2,
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         started = True
-    reference = {}
+    reference, local = {}, {}
+    # The reference layer: the router on the CPU (tokens cross the host), then on the GPU
+    # (tokens stay there), then the same with bfloat16 experts (tensor cores).
+    runs = {"float32, router on the CPU": ("float32", 0.0),
+            "float32, router on the GPU": ("float32", 0.2),
+            "bfloat16, router on the GPU": ("bfloat16", 0.2)}
     try:
-        # The reference layer with float32 experts, then with bfloat16 ones (tensor cores).
-        for precision in ("float32", "bfloat16"):
+        for label, (precision, router_gpus) in runs.items():
             spec = dataclasses.replace(ref, precision=precision)
-            local = bench_moe.in_process(spec, steps, warmup, device="cuda")
+            if precision not in local:
+                local[precision] = bench_moe.in_process(spec, steps, warmup, device="cuda")
             remote = bench_moe.on_ray(dataclasses.replace(spec, actors=actors), steps, warmup,
-                                      device="cuda", gpus_per_actor=1.0 / actors)
-            ratio = remote["timing"].median_s / local["timing"].median_s
-            log.info("reference MoE layer, %s experts, on %s: in process %.1f ms, Ray path "
-                     "(%d expert actors sharing the GPU) %.1f ms: %.2fx", precision, name,
-                     local["timing"].median_s * 1e3, actors, remote["timing"].median_s * 1e3,
-                     ratio)
-            reference[precision] = {"in_process_step_s": local["timing"].median_s,
-                                    "ray_step_s": remote["timing"].median_s, "ratio": ratio,
-                                    "actors": actors, "transport": remote["transport"]}
+                                      device="cuda", gpus_per_actor=(1 - router_gpus) / actors,
+                                      router_gpus=router_gpus)
+            here = local[precision]["timing"].median_s
+            ratio = remote["timing"].median_s / here
+            log.info("reference MoE layer on %s, %s experts, %d expert actors sharing the GPU:"
+                     " in process %.1f ms, Ray path %.1f ms: %.2fx (%.0f of %.0f MB per step "
+                     "stayed on the GPU)", name, label, actors, here * 1e3,
+                     remote["timing"].median_s * 1e3, ratio,
+                     remote["transport"]["gpu_bytes"] / 1e6, remote["transport"]["bytes"] / 1e6)
+            reference[label] = {"in_process_step_s": here,
+                                "ray_step_s": remote["timing"].median_s, "ratio": ratio,
+                                "actors": actors, "router_gpus": router_gpus,
+                                "transport": remote["transport"]}
     finally:
         if started:
             ray.shutdown()
@@ -79,9 +90,9 @@ def run_gpu_check(out_dir: Path, *, steps: int = 5, warmup: int = 2,
               "cuda": torch.version.cuda, "ray": ray.__version__,
               "peak_bf16_tflops": peak, "ffn_bf16_tflops": ffn,
               "ffn_fraction_of_peak": {k: v / peak for k, v in ffn.items()} if peak else None,
-              # the issue's keys (float32), and the same with bfloat16 experts
-              "reference": reference["float32"],
-              "reference_bfloat16_experts": reference["bfloat16"],
+              # the issue's keys (float32 experts, the router on the GPU), and every variant
+              "reference": reference["float32, router on the GPU"],
+              "reference_variants": reference,
               "seconds": time.perf_counter() - t_start}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1))

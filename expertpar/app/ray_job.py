@@ -140,7 +140,8 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         times[f"{len(moe.actors)} expert actors and the router (overlapped)"] = seconds
         run_dir = cfg.run_dir.resolve()
         (run_dir / "ray_topology.json").write_text(json.dumps(
-            {"expert_actors": moe.infos, "router": {"node_id": moe.router_node},
+            {"expert_actors": moe.infos,
+             "router": {"node_id": moe.router_node, "device": moe.router_device},
              "num_workers": cfg.distributed.num_workers},
             indent=1, default=str))
         times["total"] = time.perf_counter() - t_setup

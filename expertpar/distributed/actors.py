@@ -33,6 +33,7 @@ class MoEActors:
     pg: object
     infos: list[dict]  # per actor: node, shards, resources, device
     router_node: str = ""  # the node the router runs on
+    router_device: str = "cpu"  # where the router gates (cuda with experts.router_gpus)
 
     def failure_summary(self, timeout_s: float = 10.0) -> str:
         """Which MoE actors are gone (after a failed job), in words."""
@@ -71,19 +72,28 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
     if ex.gpus_per_actor:
         bundle["GPU"] = ex.gpus_per_actor
     strategy = "SPREAD" if ex.placement == "spread" else "PACK"
-    pg = placement_group([dict(bundle) for _ in range(A)], strategy=strategy)
+    bundles = [dict(bundle) for _ in range(A)]
+    if ex.router_gpus:
+        # The router's GPU share goes in the first expert actor's bundle: one GPU for both.
+        bundles[0]["GPU"] = bundles[0].get("GPU", 0) + ex.router_gpus
+        bundles[0]["CPU"] += ex.router_cpus
+    pg = placement_group(bundles, strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
-        raise RuntimeError(f"expert actors: the cluster cannot fit {A} x {bundle} "
-                           f"(experts.num_actors, experts.cpus_per_actor, experts.gpus_per_actor)"
-                           f" within {timeout_s:.0f}s; resources: {ray.cluster_resources()}")
+        raise RuntimeError(f"expert actors: the cluster cannot fit the bundles {bundles} "
+                           f"(experts.num_actors, experts.cpus_per_actor, experts.gpus_per_actor"
+                           f", experts.router_gpus) within {timeout_s:.0f}s; resources: "
+                           f"{ray.cluster_resources()}")
     tag = uuid.uuid4().hex[:8]
     actor_cls = ray.remote(ExpertActor)
     # Ray 2.60 shows every GPU of a node to an actor that asked for none; a CPU expert actor on
     # a GPU node must not initialise CUDA there (it would take memory on GPU 0).
     hide_gpus = ({"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
                  if not ex.gpus_per_actor and ray.cluster_resources().get("GPU", 0) else {})
+    hide_gpus_from_router = ({"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+                             if not ex.router_gpus and ray.cluster_resources().get("GPU", 0)
+                             else {})
     actors = []
     for a, host in enumerate(hosts):
         actors.append(actor_cls.options(
@@ -95,11 +105,15 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
                  ex.shared_memory))
     # The router goes where the experts are (the first bundle's node): with 0 CPUs it
     # could otherwise land on a GPU-less head, one network hop from workers and experts alike.
-    near_experts = NodeAffinitySchedulingStrategy(
-        node_id=placement_group_table(pg)["bundles_to_node_id"][0], soft=False)
+    # With a GPU share it runs in the first bundle, on the first expert actor's GPU.
+    near_experts = (PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+                    if ex.router_gpus else NodeAffinitySchedulingStrategy(
+                        node_id=placement_group_table(pg)["bundles_to_node_id"][0], soft=False))
     router = ray.remote(RouterActor).options(
         name=f"expertpar-{cfg.run.name}-{tag}-router", num_cpus=ex.router_cpus,
+        num_gpus=ex.router_gpus or None,
         max_concurrency=4 * cfg.distributed.num_workers + 8, scheduling_strategy=near_experts,
+        **hide_gpus_from_router,
     ).remote(cfg.model.dim, cfg.model.moe, cfg.train, L, cfg.run.seed, actors,
              owner_table(hosts), checkpoint, ex.shared_memory, ex.router_threads)
     moe = MoEActors(router, actors, hosts, pg, [])
@@ -111,7 +125,8 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
         ray.get([h.set_threads.remote(n) for h, n in zip(actors, threads)])
         moe.infos = infos
         ray.get(router.grad_norms.remote(-1))  # the router is up and reaches every actor
-        moe.router_node = ray.get(router.address.remote())[1]
+        address, _, moe.router_device = ray.get(router.address.remote())
+        moe.router_node = address[1]
     except Exception:
         moe.shutdown()
         raise

@@ -19,19 +19,21 @@ import torch.nn as nn
 from ..config import MoEConfig
 from ..moe.layer import MoEOutput, RouteContext
 from ..moe.stats import RoutingStats
-from .wire import Links
+from .wire import Links, gpu_bytes
 
 
 class RayBackend:
     name = "ray"
 
-    def __init__(self, router, *, rank: int = 0, world_size: int = 1):
+    def __init__(self, router, *, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu"):
+        """``device``: where this worker's activations are (its GPU is advertised to the
+        router, so tokens can stay on it when the router shares it)."""
         self.router = router
         self.rank = rank
         self.world_size = world_size
-        link_id, node, shared = ray.get(router.address.remote())
-        self.links = Links(shared)
-        self.router_address = (link_id, node)
+        self.router_address, shared, _ = ray.get(router.address.remote())
+        self.links = Links(shared, device)
         self.stepped: int | None = None  # the last optimizer step sent (see RemoteOwner.step)
         self.norms: dict[str, dict[int, torch.Tensor]] = {}  # call key -> layer -> norms
 
@@ -47,7 +49,8 @@ class RayBackend:
         reply, *rest, busy = ray.get(getattr(self.router, method).remote(
             *args, packet=packet, reply_to=self.links.address, **kwargs))
         tensors_back = self.links.inbox.unpack(reply)
-        self.links.meter.add(packet[1] + reply[1], time.perf_counter() - t0 - busy)
+        self.links.meter.add(packet[1] + reply[1], time.perf_counter() - t0 - busy,
+                             gpu_bytes=gpu_bytes(packet, reply))
         return tensors_back, rest
 
     def take_norms(self, step: int) -> torch.Tensor | None:
@@ -92,7 +95,8 @@ class _BridgeFn(torch.autograd.Function):
             training=module.training, seed=ctx.seed, step=ctx.step, after=b.stepped)
         fctx.call = (module, key, rank, size)
         box["aux"] = {k: torch.tensor(v) for k, v in aux.items()}
-        box["stats"] = RoutingStats.from_tensors([t.clone() for t in stats], policy)
+        box["stats"] = RoutingStats.from_tensors([t.to("cpu", copy=True) for t in stats],
+                                                 policy)
         # A copy out of the router's reply buffer, which it reuses on its next reply.
         return y_TD.to(x_TD.device, x_TD.dtype, copy=True), torch.tensor(aux_loss,
                                                                        device=x_TD.device)
@@ -103,6 +107,6 @@ class _BridgeFn(torch.autograd.Function):
         b = module.backend
         (dx_TD, norms), _ = b.round_trip("backward", [dy_TD], key, module.layer_index, rank,
                                          size, d_aux=float(d_aux))
-        b.norms.setdefault(key, {})[module.layer_index] = norms.clone()
+        b.norms.setdefault(key, {})[module.layer_index] = norms.to("cpu", copy=True)
         return (dx_TD.to(dy_TD.device, dy_TD.dtype, copy=True),
                 None, None, None, None, None, None, None)

@@ -24,7 +24,7 @@ from ..train.owners import ParameterOwner, grad_norms_of
 from .wire import Links
 
 Shard = tuple[int, int]
-Address = tuple[str, str]
+Address = tuple[str, str, str]
 
 
 def actor_device() -> torch.device:
@@ -50,7 +50,7 @@ class ExpertActor:
         self.owner = ParameterOwner([e for (L, x), ffn in self.experts.items()
                                      for e in expert_entries(L, x, ffn)], train)
         self.cache: dict[tuple[str, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.links = Links(shared_memory)
+        self.links = Links(shared_memory, self.device)
         if checkpoint:
             # The driver verified the checkpoint; each actor reads only its own shards.
             files = [expert_file(L, x) for L, x in self.experts]

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from ..moe.experts import ExpertBackend
-from .wire import Links
+from .wire import Links, gpu_bytes
 
 
 class RemoteExperts(ExpertBackend):
@@ -48,10 +48,11 @@ class RemoteExperts(ExpertBackend):
         peers = self.peers()
         with self.lock:
             t0 = time.perf_counter()
-            refs, sent = {}, 0
+            refs, sent, on_gpu = {}, 0, 0
             for a, experts in per_actor.items():
                 packet = self.links.outbox(peers[a]).pack([pieces[e] for e in experts])
                 sent += packet[1]
+                on_gpu += gpu_bytes(packet)
                 refs[a] = getattr(self.actors[a], method).remote(
                     key, self.layer, packet, tuple(experts), reply_to=self.links.address,
                     **kwargs)
@@ -66,16 +67,18 @@ class RemoteExperts(ExpertBackend):
                 packet, seconds = replies[a]
                 busy = max(busy, seconds)
                 sent += packet[1]
+                on_gpu += gpu_bytes(packet)
                 tensors = self.links.inbox.unpack(packet)
-                if method == "backward":  # the actor's gradient norms come last
-                    norms.append(tensors.pop().clone())
+                if method == "backward":  # the actor's gradient norms come last (on the CPU)
+                    norms.append(tensors.pop().to("cpu", copy=True))
                 got.update(zip(experts, tensors))
             # One copy out of the reply buffers, which the actors reuse on their next reply.
-            out = torch.cat([got[e] if e in got else piece.detach().new_zeros(piece.shape)
+            out = torch.cat([got[e].to(piece.device) if e in got
+                             else piece.detach().new_zeros(piece.shape)
                              for e, piece in enumerate(pieces)]) if pieces else None
             if method == "backward":
                 self.norms = torch.cat(norms) if norms else torch.zeros(0)
-            self.links.meter.add(sent, time.perf_counter() - t0 - busy, len(refs))
+            self.links.meter.add(sent, time.perf_counter() - t0 - busy, len(refs), on_gpu)
         return out
 
     def _which_actor_died(self, refs: dict, method: str) -> RuntimeError:

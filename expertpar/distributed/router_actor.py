@@ -29,11 +29,12 @@ from ..moe.layer import MoELayer, RouteContext
 from ..train.checkpoint import read_shards
 from ..train.names import ROUTER_FILE, gate_entries
 from ..train.owners import ParameterOwner, grad_norms_of
+from .expert_actor import actor_device
 from .remote_experts import RemoteExperts
 from .wire import Links
 
 GATHER_TIMEOUT_S = 600.0
-Address = tuple[str, str]
+Address = tuple[str, str, str]
 
 
 @dataclass
@@ -53,15 +54,19 @@ class RouterActor:
         # The router gates, dispatches and combines every token while the workers wait and the
         # experts idle: it may use the node's cores (router_threads), not Ray's 1-CPU default.
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        # On a GPU when it was given a share of one (experts.router_gpus): the gate and the
+        # dispatch then run there, and tokens from and to workers and expert actors on the
+        # same GPU never leave it.
+        self.device = actor_device()
         self.calls: Counter = Counter()  # Ray calls made and received, for `expertpar bench`
-        self.links = Links(shared_memory)
+        self.links = Links(shared_memory, self.device)
         self.actors = actors
         self._peers: list[Address] | None = None
         fan_out_lock = threading.Lock()
         self.layers = [MoELayer(dim, moe, L, seed=seed,
                                 experts=RemoteExperts(L, actors, owner, self.links, self.peers,
                                                       self._count, fan_out_lock))
-                       for L in range(num_layers)]
+                       .to(self.device) for L in range(num_layers)]
         self.owner = ParameterOwner([e for L, layer in enumerate(self.layers)
                                      for e in gate_entries(L, layer)], train)
         self.lock = threading.Lock()
@@ -75,9 +80,15 @@ class RouterActor:
             self.owner.load(read_shards(Path(checkpoint), [ROUTER_FILE], verified=True),
                             where=checkpoint)
 
-    def address(self) -> tuple[str, str, bool]:
-        """(link id, node id, shared memory on): what a worker needs to send here."""
-        return (*self.links.address, self.links.shared_memory)
+    def address(self) -> tuple[Address, bool, str]:
+        """(link address, shared memory on, device): what a worker needs to send here."""
+        return self.links.address, self.links.shared_memory, str(self.device)
+
+    def info(self) -> dict:
+        """Where the router runs: node, resources, GPU ids, device."""
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
+                "gpu_ids": ray.get_gpu_ids(), "device": str(self.device)}
 
     def peers(self) -> list[Address]:
         if self._peers is None:
@@ -152,7 +163,7 @@ class RouterActor:
         t0 = time.perf_counter()
         self._count("worker->router/forward")
         self._after(after)
-        x_TD, modality_T = self.links.inbox.unpack(packet)
+        x_TD, modality_T = [t.to(self.device) for t in self.links.inbox.unpack(packet)]
         y, aux_loss, aux, policy = self._rendezvous(
             ("fwd", key, layer), rank, size, (x_TD, modality_T, reply_to),
             lambda parts: self._forward(key, layer, parts, training, RouteContext(seed, step)))
@@ -187,7 +198,7 @@ class RouterActor:
         seconds busy here)."""
         t0 = time.perf_counter()
         self._count("worker->router/backward")
-        (dy_TD,) = self.links.inbox.unpack(packet)
+        (dy_TD,) = [t.to(self.device) for t in self.links.inbox.unpack(packet)]
         reply = self._rendezvous(("bwd", key, layer), rank, size, (dy_TD, d_aux, reply_to),
                                  lambda parts: self._backward(key, layer, parts))
         return reply, time.perf_counter() - t0
@@ -198,7 +209,7 @@ class RouterActor:
         if order is not None:
             dy_TD = dy_TD[order]
         d_aux = sum(p[1] for p in parts)  # each worker holds aux / W of the global loss
-        torch.autograd.backward([y_TD, aux_loss], [dy_TD, torch.tensor(d_aux)])
+        torch.autograd.backward([y_TD, aux_loss], [dy_TD, aux_loss.new_tensor(d_aux)])
         moe = self.layers[layer]
         norms = torch.cat([grad_norms_of(moe.gate.parameters()), moe.experts.norms])
         dx_TD = _worker_order(x_TD.grad, order)

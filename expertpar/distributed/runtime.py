@@ -93,7 +93,7 @@ class RayRuntime:
                                              ctx.get_local_world_size()))
         self.comm = TorchDistributed() if world > 1 else SingleProcess()
         tokenizer = Tokenizer.from_str(spec.tokenizer_json)
-        backend = RayBackend(payload.router, rank=rank, world_size=world)
+        backend = RayBackend(payload.router, rank=rank, world_size=world, device=self.device)
         self.model = model_for_tokenizer(cfg, tokenizer, backend).to(self.device)
         dense = dense_owner(self.model, cfg)
         if spec.resume_from:

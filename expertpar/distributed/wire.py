@@ -11,10 +11,17 @@ The receiver removes a buffer's file name as soon as it has mapped it (the memor
 either end maps it), so a killed process leaves nothing in /dev/shm; only a buffer no receiver
 ever mapped can outlive its creator, and ``sweep_dead`` removes those.
 
+Between two processes that use the same GPU (expert actors sharing it, a router or a train
+worker beside them) a message whose tensors are on that GPU stays there: the sender's buffer is
+device memory, shared once per buffer through a CUDA IPC handle that the receiver opens once,
+and ``pack`` returns only when the copies into it are done.
+
 The rule that makes it safe: a message lives in its sender's outbox until that outbox sends the
 next one. Calls between two processes are request/reply, so a request is read before the reply
 is sent and a reply is read before the caller's next request. What a receiver keeps beyond that
-(activations saved for backward) it copies; what it receives it never writes into.
+(activations saved for backward) it copies; what it receives it never writes into. On a GPU,
+"read" means the kernels that read it have finished: ``pack`` waits for the device before it
+returns, so a reply is never sent while a read of the request is still queued.
 """
 from __future__ import annotations
 
@@ -43,12 +50,30 @@ TensorSpec = tuple[int, str, tuple[int, ...]]  # (byte offset, torch dtype name,
 
 
 class Packet(NamedTuple):
-    """One message: how to cut it, its size, and where its bytes are (a shared file, or
-    ``inline``). Sent as a plain tuple (``tuple(packet)``) and rebuilt with ``Packet(*t)``."""
+    """One message: how to cut it, its size, and where its bytes are (a shared file, a GPU
+    buffer, or ``inline``). Sent as a plain tuple (``tuple(packet)``), rebuilt with
+    ``Packet(*t)``."""
     specs: tuple[TensorSpec, ...]
     nbytes: int
-    path: str | None = None  # shared-memory file holding the message
+    path: str | None = None  # shared-memory file holding the message (or the GPU buffer's name)
     inline: np.ndarray | None = None  # the message itself, through the object store
+    ipc: tuple | None = None  # (GPU UUID, CUDA IPC handle of the buffer): the message is there
+
+
+def gpu_uuid(device: torch.device | int) -> str:
+    """A GPU's identity across processes (their device indices differ with
+    CUDA_VISIBLE_DEVICES)."""
+    index = device if isinstance(device, int) else device.index
+    return str(torch.cuda.get_device_properties(
+        torch.cuda.current_device() if index is None else index).uuid)
+
+
+def _local_gpu(uuid: str) -> int:
+    for index in range(torch.cuda.device_count()):
+        if gpu_uuid(index) == uuid:
+            return index
+    raise RuntimeError(f"wire: a peer sent a message on GPU {uuid}, which this process does not "
+                       f"see (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
 
 
 def shm_dir() -> Path:
@@ -77,19 +102,36 @@ def _views(buffer_U8: torch.Tensor, specs: Sequence[TensorSpec]) -> list[torch.T
 
 
 class Outbox:
-    """A sender's buffer towards one receiver. ``shared`` when the receiver is on this node."""
+    """A sender's buffer towards one receiver. ``shared`` when the receiver is on this node;
+    ``gpu``: the UUID of the receiver's GPU, when it has one and may receive on it."""
 
-    def __init__(self, shared: bool):
+    def __init__(self, shared: bool, gpu: str | None = None):
         self.shared = shared
+        self.gpu = gpu if shared else None
         self._path: Path | None = None
         self._buffer_U8: torch.Tensor | None = None
         self._generation = 0
         self._stem = f"{PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+        self._device_U8: torch.Tensor | None = None
+        self._handle: tuple | None = None
+        self._device_generation = 0
 
     def pack(self, tensors: Sequence[torch.Tensor]) -> tuple:
         """One message of ``tensors`` (a plain-tuple ``Packet``); it stays valid until this
         outbox packs the next one."""
         specs, nbytes = _layout(tensors)
+        device = self._same_gpu(tensors)
+        if device is not None:
+            buffer_U8 = self._device_buffer(nbytes, device)
+            for view, t in zip(_views(buffer_U8, specs), tensors):
+                view.copy_(t.detach())  # device to device (host tensors, e.g. norms: uploaded)
+            packet = Packet(specs, nbytes, path=f"{self._stem}-cuda{self._device_generation}",
+                            ipc=(self.gpu, self._handle))
+            # The copies above, and every kernel that read the message this one answers.
+            torch.cuda.synchronize(device)
+            return tuple(packet)
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # reads of a GPU message being answered are done
         if self.shared:
             try:
                 buffer_U8 = self._buffer(nbytes)
@@ -123,17 +165,44 @@ class Outbox:
             path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        self.close()  # the receiver keeps its mapping of the old file until it sees the new one
+        self._drop_file()  # the receiver keeps its mapping of the old one until it sees this
         self._path, self._buffer_U8 = path, torch.from_file(str(path), shared=True, size=size,
                                                             dtype=torch.uint8)
         _LIVE.add(path)
         return self._buffer_U8
 
-    def close(self) -> None:
+    def _same_gpu(self, tensors: Sequence[torch.Tensor]) -> torch.device | None:
+        """The GPU this message can stay on: the receiver's, holding every CUDA tensor of it."""
+        if self.gpu is None:
+            return None
+        devices = {t.device for t in tensors if t.is_cuda}
+        if len(devices) != 1:
+            return None
+        (device,) = devices
+        return device if gpu_uuid(device) == self.gpu else None
+
+    def _device_buffer(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        if (self._device_U8 is not None and self._device_U8.numel() >= nbytes
+                and self._device_U8.device == device):
+            return self._device_U8
+        size = max(1 << 20, nbytes, 2 * (0 if self._device_U8 is None else
+                                         self._device_U8.numel()))
+        self._device_generation += 1
+        self._device_U8 = torch.empty(size, dtype=torch.uint8, device=device)
+        # The handle names the buffer's device allocation; the receiver opens it once. Torch
+        # keeps a shared allocation alive until every process that opened it lets go.
+        self._handle = self._device_U8.untyped_storage()._share_cuda_()[1:]
+        return self._device_U8
+
+    def _drop_file(self) -> None:
         if self._path is not None:
             self._path.unlink(missing_ok=True)
             _LIVE.discard(self._path)
         self._path, self._buffer_U8 = None, None
+
+    def close(self) -> None:
+        self._drop_file()
+        self._device_U8, self._handle = None, None
 
 
 class Inbox:
@@ -146,6 +215,8 @@ class Inbox:
     def unpack(self, message: tuple) -> list[torch.Tensor]:
         """Views of the message's tensors: read them, copy what you keep, never write."""
         packet = Packet(*message)
+        if packet.ipc is not None:
+            return _views(self._open_device_buffer(packet), packet.specs)
         if packet.path is None:
             with warnings.catch_warnings():
                 # Object-store arrays are read-only; nothing here writes into them.
@@ -166,6 +237,21 @@ class Inbox:
                 # a mapping does, and nothing is left behind if either process is killed.
                 Path(packet.path).unlink(missing_ok=True)
         return _views(buffer_U8, packet.specs)
+
+    def _open_device_buffer(self, packet: Packet) -> torch.Tensor:
+        with self.lock:
+            buffer_U8 = self._maps.get(packet.path)
+            if buffer_U8 is None:
+                stem = packet.path.rsplit("-", 1)[0]
+                for old in [p for p in self._maps if p.rsplit("-", 1)[0] == stem]:
+                    del self._maps[old]  # the sender grew its buffer: let go of the old one
+                gpu, handle = packet.ipc
+                torch.cuda._lazy_init()
+                storage = torch.UntypedStorage._new_shared_cuda(_local_gpu(gpu), *handle)
+                buffer_U8 = torch.empty(0, dtype=torch.uint8, device=storage.device)
+                buffer_U8.set_(storage)
+                self._maps[packet.path] = buffer_U8
+        return buffer_U8
 
     def close(self) -> None:
         with self.lock:
@@ -216,28 +302,33 @@ def node_id() -> str:
 class Links:
     """This process's end of every link: one outbox per peer it sends to, one inbox.
 
-    A peer's address is (link id, Ray node id); shared memory is used towards peers on this
-    node when ``shared_memory`` is on, the object store otherwise.
+    A peer's address is (link id, Ray node id, GPU UUID or ""); towards peers on this node,
+    with ``shared_memory`` on, messages go through shared memory, or stay on the GPU when both
+    ends use the same one; otherwise through the object store. ``device``: where this process
+    computes (its GPU is advertised so that peers may send there).
     """
 
-    def __init__(self, shared_memory: bool):
+    def __init__(self, shared_memory: bool, device: torch.device | str = "cpu"):
         self.shared_memory = shared_memory
         self.id = uuid.uuid4().hex[:12]
         self.node = node_id()
+        device = torch.device(device)
+        self.gpu = gpu_uuid(device) if device.type == "cuda" else ""
         self.inbox = Inbox()
         self._outboxes: dict[str, Outbox] = {}
         self._lock = threading.Lock()
         self.meter = Meter()
 
     @property
-    def address(self) -> tuple[str, str]:
-        return (self.id, self.node)
+    def address(self) -> tuple[str, str, str]:
+        return (self.id, self.node, self.gpu)
 
-    def outbox(self, peer: tuple[str, str]) -> Outbox:
+    def outbox(self, peer: tuple[str, str, str]) -> Outbox:
         with self._lock:
             box = self._outboxes.get(peer[0])
             if box is None:
-                box = Outbox(shared=self.shared_memory and peer[1] == self.node)
+                box = Outbox(shared=self.shared_memory and peer[1] == self.node,
+                             gpu=peer[2] or None)
                 self._outboxes[peer[0]] = box
             return box
 
@@ -256,13 +347,21 @@ class Meter:
     nbytes: int = 0
     seconds: float = 0.0
     calls: int = 0
+    gpu_bytes: int = 0  # of nbytes, those that stayed on a GPU
 
-    def add(self, nbytes: int, seconds: float, calls: int = 1) -> None:
+    def add(self, nbytes: int, seconds: float, calls: int = 1, gpu_bytes: int = 0) -> None:
         self.nbytes += nbytes
         self.seconds += max(0.0, seconds)
         self.calls += calls
+        self.gpu_bytes += gpu_bytes
 
     def take(self) -> dict:
-        out = {"bytes": self.nbytes, "seconds": self.seconds, "calls": self.calls}
-        self.nbytes, self.seconds, self.calls = 0, 0.0, 0
+        out = {"bytes": self.nbytes, "seconds": self.seconds, "calls": self.calls,
+               "gpu_bytes": self.gpu_bytes}
+        self.nbytes, self.seconds, self.calls, self.gpu_bytes = 0, 0.0, 0, 0
         return out
+
+
+def gpu_bytes(*messages: tuple) -> int:
+    """Bytes of the messages that stay on a GPU (for the meter)."""
+    return sum(Packet(*m).nbytes for m in messages if Packet(*m).ipc is not None)

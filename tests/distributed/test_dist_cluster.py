@@ -53,6 +53,24 @@ def test_expert_actors_spread_over_nodes_with_their_gpu_share_and_the_router_joi
         assert a["device"] == "cpu"  # logical GPUs only: CUDA is not there, the actor says so
 
 
+def test_a_router_with_a_gpu_share_runs_on_the_first_expert_actors_gpu(cluster, synth_dir,
+                                                                       tmp_path):
+    from expertpar.distributed.actors import start_moe_actors
+    cfg = tiny_config(synth_dir, tmp_path, **{
+        "distributed.backend": "ray", "experts.num_actors": 2, "experts.gpus_per_actor": 0.5,
+        "experts.router_gpus": 0.25, "model.depth": 4})
+    moe = start_moe_actors(cfg)
+    try:
+        router = ray.get(moe.router.info.remote())
+        first = moe.infos[0]
+        assert router["resources"].get("GPU") == pytest.approx(0.25)
+        assert router["node_id"] == first["node_id"] == moe.router_node
+        assert router["gpu_ids"] == first["gpu_ids"] and len(router["gpu_ids"]) == 1
+        assert router["device"] == moe.router_device == "cpu"  # logical GPUs: no CUDA here
+    finally:
+        moe.shutdown()
+
+
 def test_impossible_gpu_request_fails_fast_with_the_keys(cluster, synth_dir, tmp_path):
     from expertpar.distributed.actors import start_moe_actors
     cfg = tiny_config(synth_dir, tmp_path, **{

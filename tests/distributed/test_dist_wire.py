@@ -89,3 +89,14 @@ def test_the_buffer_directory_is_the_environments(tmp_path, monkeypatch):
     assert Packet(*box.pack([torch.ones(1)])).path.startswith(str(tmp_path))
     box.close()
     assert isinstance(Packet(*Outbox(shared=False).pack([torch.ones(1)])).inline, np.ndarray)
+
+
+def test_host_tensors_towards_a_gpu_peer_go_through_shared_memory():
+    # A peer that advertises a GPU gets a GPU message only when the tensors are on that GPU.
+    box, inbox = Outbox(shared=True, gpu="GPU-0000"), Inbox()
+    packet = Packet(*box.pack(tensors()))
+    assert packet.ipc is None and packet.path is not None
+    assert all(torch.equal(a, b) for a, b in zip(inbox.unpack(tuple(packet)), tensors()))
+    box.close()
+    # No shared memory (another node): no GPU path either.
+    assert Outbox(shared=False, gpu="GPU-0000").gpu is None
