@@ -214,8 +214,9 @@ class DistributedConfig:
     address: Optional[str] = None  # Ray address ("auto", "ray://..."); null: RAY_ADDRESS or embedded
     num_workers: int = 1  # Ray Train workers running the data-parallel dense part
     use_gpu: bool = False  # train workers on GPUs (gpus_per_worker each)
-    # GPU share of a train worker when use_gpu; a fraction lets the workers and GPU expert
-    # actors share one GPU (a one-GPU workstation: 0.5 here, 0.25 per expert actor)
+    # GPU share of a train worker when use_gpu; a fraction (one worker only: NCCL refuses two
+    # workers on one GPU) lets the worker and GPU expert actors share one GPU (a one-GPU
+    # workstation: 0.5 here, 0.25 per expert actor)
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0  # CPUs reserved per train worker
     embedded_num_cpus: Optional[int] = None  # logical CPUs of an embedded Ray (null: enough)
@@ -237,6 +238,10 @@ class DistributedConfig:
         elif self.gpus_per_worker != 1.0 and not self.use_gpu:
             bad.append(("gpus_per_worker", "is set but use_gpu is false: the workers would "
                         "hold no GPU; set distributed.use_gpu: true"))
+        elif self.gpus_per_worker < 1 and self.num_workers > 1:
+            bad.append(("gpus_per_worker", f"a fraction with num_workers {self.num_workers} "
+                        "could put two workers on one GPU, which NCCL refuses ('Duplicate GPU "
+                        "detected'); give each worker a whole GPU, or use one worker"))
         if self.embedded_num_cpus is not None and self.embedded_num_cpus < 1:
             bad.append(("embedded_num_cpus", "must be >= 1 or null"))
         return bad

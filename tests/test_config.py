@@ -544,6 +544,10 @@ def test_a_gpu_share_per_worker_reaches_ray_train_and_needs_use_gpu():
     for bad in (0, 1.5, -1):
         with pytest.raises(ConfigError, match=rf"distributed\.gpus_per_worker.*{bad}"):
             config_from_dict({**tree, "distributed": {"use_gpu": True, "gpus_per_worker": bad}})
+    # Two workers may not share one GPU: NCCL would refuse at set-up, long after the config.
+    with pytest.raises(ConfigError, match=r"distributed\.gpus_per_worker.*num_workers 2.*NCCL"):
+        config_from_dict({**tree, "distributed": {"backend": "ray", "use_gpu": True,
+                                                  "gpus_per_worker": 0.5, "num_workers": 2}})
 
 
 def test_an_unknown_expert_precision_is_refused_with_the_choices():

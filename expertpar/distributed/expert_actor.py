@@ -62,7 +62,7 @@ class ExpertActor:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "shards": sorted(self.experts),
                 "resources": ctx.get_assigned_resources(), "gpu_ids": ray.get_gpu_ids(),
-                "device": str(self.device), "pid": os.getpid(),
+                "device": str(self.device), "precision": self.precision, "pid": os.getpid(),
                 "cpus": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 

@@ -88,7 +88,8 @@ class RouterActor:
         """Where the router runs: node, resources, GPU ids, device."""
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
-                "gpu_ids": ray.get_gpu_ids(), "device": str(self.device)}
+                "gpu_ids": ray.get_gpu_ids(), "device": str(self.device),
+                "placement_group_id": ctx.get_placement_group_id()}
 
     def peers(self) -> list[Address]:
         if self._peers is None:

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import ray
 import ray.train
+import ray.train.torch
 import torch
 from tokenizers import Tokenizer
 
@@ -89,6 +90,11 @@ class RayRuntime:
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         self.cfg = cfg
         self.device = pick_device(cfg.train.device)
+        if self.device.type == "cuda":
+            # Ray Train shows each worker every GPU its node gives the workers; this rank's is
+            # the one for its local rank (plain "cuda" would put them all on the first).
+            self.device = ray.train.torch.get_device()
+            torch.cuda.set_device(self.device)
         torch.set_num_threads(worker_threads(cfg.distributed.threads_per_worker,
                                              ctx.get_local_world_size()))
         self.comm = TorchDistributed() if world > 1 else SingleProcess()

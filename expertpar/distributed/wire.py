@@ -32,7 +32,7 @@ import tempfile
 import threading
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -343,22 +343,25 @@ class Links:
 @dataclass
 class Meter:
     """Bytes a link moved and the seconds spent moving them (round trip minus the peer's work),
-    for ``expertpar bench``."""
+    for ``expertpar bench``. Added to by the router's threads, taken by another call."""
     nbytes: int = 0
     seconds: float = 0.0
     calls: int = 0
     gpu_bytes: int = 0  # of nbytes, those that stayed on a GPU
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, nbytes: int, seconds: float, calls: int = 1, gpu_bytes: int = 0) -> None:
-        self.nbytes += nbytes
-        self.seconds += max(0.0, seconds)
-        self.calls += calls
-        self.gpu_bytes += gpu_bytes
+        with self.lock:
+            self.nbytes += nbytes
+            self.seconds += max(0.0, seconds)
+            self.calls += calls
+            self.gpu_bytes += gpu_bytes
 
     def take(self) -> dict:
-        out = {"bytes": self.nbytes, "seconds": self.seconds, "calls": self.calls,
-               "gpu_bytes": self.gpu_bytes}
-        self.nbytes, self.seconds, self.calls, self.gpu_bytes = 0, 0.0, 0, 0
+        with self.lock:
+            out = {"bytes": self.nbytes, "seconds": self.seconds, "calls": self.calls,
+                   "gpu_bytes": self.gpu_bytes}
+            self.nbytes, self.seconds, self.calls, self.gpu_bytes = 0, 0.0, 0, 0
         return out
 
 

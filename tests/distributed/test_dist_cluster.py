@@ -65,6 +65,8 @@ def test_a_router_with_a_gpu_share_runs_on_the_first_expert_actors_gpu(cluster, 
         first = moe.infos[0]
         assert router["resources"].get("GPU") == pytest.approx(0.25)
         assert router["node_id"] == first["node_id"] == moe.router_node
+        # In the first expert actor's bundle (not merely on the same node), on its GPU.
+        assert router["placement_group_id"] == moe.pg.id.hex()
         assert router["gpu_ids"] == first["gpu_ids"] and len(router["gpu_ids"]) == 1
         assert router["device"] == moe.router_device == "cpu"  # logical GPUs: no CUDA here
     finally:

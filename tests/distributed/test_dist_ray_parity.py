@@ -144,6 +144,7 @@ def test_bfloat16_experts_on_actors_match_bfloat16_experts_in_process(ray_local,
                                               "model.moe.expert_precision": "bfloat16"})
     moe = start_moe_actors(cfg)
     try:
+        assert [info["precision"] for info in moe.infos] == ["bfloat16", "bfloat16"]
         layer = RayBackend(moe.router).build_layer(0, cfg.model.dim, cfg.model.moe, 0)
         ref = MoELayer(cfg.model.dim, cfg.model.moe, 0, seed=0)
         gen = torch.Generator().manual_seed(5)
