@@ -87,20 +87,20 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
                            f"{ray.cluster_resources()}")
     tag = uuid.uuid4().hex[:8]
     actor_cls = ray.remote(ExpertActor)
-    # Ray 2.60 shows every GPU of a node to an actor that asked for none; a CPU expert actor on
-    # a GPU node must not initialise CUDA there (it would take memory on GPU 0).
-    hide_gpus = ({"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
-                 if not ex.gpus_per_actor and ray.cluster_resources().get("GPU", 0) else {})
-    hide_gpus_from_router = ({"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
-                             if not ex.router_gpus and ray.cluster_resources().get("GPU", 0)
-                             else {})
+    # Ray 2.60 shows every GPU of a node to an actor that asked for none; a CPU expert actor
+    # (or router) on a GPU node must not initialise CUDA there (it would take memory on GPU 0).
+    gpus_in_cluster = bool(ray.cluster_resources().get("GPU", 0))
+
+    def hidden_gpus(gpus: float) -> dict:
+        return ({"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+                if not gpus and gpus_in_cluster else {})
     actors = []
     for a, host in enumerate(hosts):
         actors.append(actor_cls.options(
             name=f"expertpar-{cfg.run.name}-{tag}-expert{a}",
             num_cpus=ex.cpus_per_actor, num_gpus=ex.gpus_per_actor or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a),
-            **hide_gpus,
+            **hidden_gpus(ex.gpus_per_actor),
         ).remote(host, cfg.model.dim, cfg.model.moe, cfg.train, cfg.run.seed, checkpoint,
                  ex.shared_memory))
     # The router goes where the experts are (the first bundle's node): with 0 CPUs it
@@ -113,7 +113,7 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
         name=f"expertpar-{cfg.run.name}-{tag}-router", num_cpus=ex.router_cpus,
         num_gpus=ex.router_gpus or None,
         max_concurrency=4 * cfg.distributed.num_workers + 8, scheduling_strategy=near_experts,
-        **hide_gpus_from_router,
+        **hidden_gpus(ex.router_gpus),
     ).remote(cfg.model.dim, cfg.model.moe, cfg.train, L, cfg.run.seed, actors,
              owner_table(hosts), checkpoint, ex.shared_memory, ex.router_threads)
     moe = MoEActors(router, actors, hosts, pg, [])

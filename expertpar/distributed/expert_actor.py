@@ -21,10 +21,9 @@ from ..moe.layer import expert_seed
 from ..train.checkpoint import read_shards
 from ..train.names import expert_entries, expert_file
 from ..train.owners import ParameterOwner, grad_norms_of
-from .wire import Links
+from .wire import Address, Links
 
 Shard = tuple[int, int]
-Address = tuple[str, str, str]
 
 
 def actor_device() -> torch.device:

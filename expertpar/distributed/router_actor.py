@@ -31,10 +31,9 @@ from ..train.names import ROUTER_FILE, gate_entries
 from ..train.owners import ParameterOwner, grad_norms_of
 from .expert_actor import actor_device
 from .remote_experts import RemoteExperts
-from .wire import Links
+from .wire import Address, Links
 
 GATHER_TIMEOUT_S = 600.0
-Address = tuple[str, str, str]
 
 
 @dataclass

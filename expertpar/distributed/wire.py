@@ -46,6 +46,7 @@ _NAME = re.compile(rf"^{PREFIX}-(\d+)-")
 
 # A message as it travels: plain tuples, which Ray pickles in microseconds (a dataclass or a
 # torch tensor in a call's arguments costs it about 0.5-1 ms more, measured here).
+Address = tuple[str, str, str]  # a link's (id, Ray node id, GPU UUID or "")
 TensorSpec = tuple[int, str, tuple[int, ...]]  # (byte offset, torch dtype name, shape)
 
 
@@ -101,6 +102,11 @@ def _views(buffer_U8: torch.Tensor, specs: Sequence[TensorSpec]) -> list[torch.T
     return out
 
 
+def _grown(buffer_U8: torch.Tensor | None, nbytes: int) -> int:
+    """A new buffer's size: room for the message, at least 1 MiB, at least twice the old."""
+    return max(1 << 20, nbytes, 2 * (0 if buffer_U8 is None else buffer_U8.numel()))
+
+
 class Outbox:
     """A sender's buffer towards one receiver. ``shared`` when the receiver is on this node;
     ``gpu``: the UUID of the receiver's GPU, when it has one and may receive on it."""
@@ -152,8 +158,7 @@ class Outbox:
     def _buffer(self, nbytes: int) -> torch.Tensor:
         if self._buffer_U8 is not None and self._buffer_U8.numel() >= nbytes:
             return self._buffer_U8
-        size = max(1 << 20, nbytes, 2 * (0 if self._buffer_U8 is None else
-                                         self._buffer_U8.numel()))
+        size = _grown(self._buffer_U8, nbytes)
         self._generation += 1
         path = shm_dir() / f"{self._stem}-{self._generation}"
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -185,10 +190,9 @@ class Outbox:
         if (self._device_U8 is not None and self._device_U8.numel() >= nbytes
                 and self._device_U8.device == device):
             return self._device_U8
-        size = max(1 << 20, nbytes, 2 * (0 if self._device_U8 is None else
-                                         self._device_U8.numel()))
         self._device_generation += 1
-        self._device_U8 = torch.empty(size, dtype=torch.uint8, device=device)
+        self._device_U8 = torch.empty(_grown(self._device_U8, nbytes), dtype=torch.uint8,
+                                      device=device)
         # The handle names the buffer's device allocation; the receiver opens it once. Torch
         # keeps a shared allocation alive until every process that opened it lets go.
         self._handle = self._device_U8.untyped_storage()._share_cuda_()[1:]
@@ -223,39 +227,40 @@ class Inbox:
                 warnings.simplefilter("ignore", UserWarning)
                 flat_U8 = torch.from_numpy(packet.inline)
             return _views(flat_U8, packet.specs)
-        with self.lock:
-            buffer_U8 = self._maps.get(packet.path)
-            if buffer_U8 is None:
-                stem = packet.path.rsplit("-", 1)[0]
-                for old in [p for p in self._maps if p.rsplit("-", 1)[0] == stem]:
-                    del self._maps[old]  # the sender grew its buffer: drop the old mapping
-                size = os.path.getsize(packet.path)
-                buffer_U8 = torch.from_file(packet.path, shared=True, size=size,
-                                            dtype=torch.uint8)
-                self._maps[packet.path] = buffer_U8
-                # Both ends have it mapped now, so the name can go: the memory lives as long as
-                # a mapping does, and nothing is left behind if either process is killed.
-                Path(packet.path).unlink(missing_ok=True)
-        return _views(buffer_U8, packet.specs)
+        return _views(self._mapped(packet.path, lambda: _map_file(packet.path)), packet.specs)
 
     def _open_device_buffer(self, packet: Packet) -> torch.Tensor:
+        return self._mapped(packet.path, lambda: _open_ipc(*packet.ipc))
+
+    def _mapped(self, name: str, open_buffer) -> torch.Tensor:
+        """The buffer called ``name``, opened once; a sender's newer buffer (its next
+        generation) replaces the older one, which is let go."""
         with self.lock:
-            buffer_U8 = self._maps.get(packet.path)
+            buffer_U8 = self._maps.get(name)
             if buffer_U8 is None:
-                stem = packet.path.rsplit("-", 1)[0]
+                stem = name.rsplit("-", 1)[0]
                 for old in [p for p in self._maps if p.rsplit("-", 1)[0] == stem]:
-                    del self._maps[old]  # the sender grew its buffer: let go of the old one
-                gpu, handle = packet.ipc
-                torch.cuda._lazy_init()
-                storage = torch.UntypedStorage._new_shared_cuda(_local_gpu(gpu), *handle)
-                buffer_U8 = torch.empty(0, dtype=torch.uint8, device=storage.device)
-                buffer_U8.set_(storage)
-                self._maps[packet.path] = buffer_U8
+                    del self._maps[old]
+                buffer_U8 = self._maps[name] = open_buffer()
         return buffer_U8
 
     def close(self) -> None:
         with self.lock:
             self._maps.clear()
+
+
+def _map_file(path: str) -> torch.Tensor:
+    buffer_U8 = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
+    # Both ends have it mapped now, so the name can go: the memory lives as long as a mapping
+    # does, and nothing is left behind if either process is killed.
+    Path(path).unlink(missing_ok=True)
+    return buffer_U8
+
+
+def _open_ipc(gpu: str, handle: tuple) -> torch.Tensor:
+    torch.cuda._lazy_init()
+    storage = torch.UntypedStorage._new_shared_cuda(_local_gpu(gpu), *handle)
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
 _LIVE: set[Path] = set()
@@ -320,10 +325,10 @@ class Links:
         self.meter = Meter()
 
     @property
-    def address(self) -> tuple[str, str, str]:
+    def address(self) -> Address:
         return (self.id, self.node, self.gpu)
 
-    def outbox(self, peer: tuple[str, str, str]) -> Outbox:
+    def outbox(self, peer: Address) -> Outbox:
         with self._lock:
             box = self._outboxes.get(peer[0])
             if box is None:
@@ -367,4 +372,5 @@ class Meter:
 
 def gpu_bytes(*messages: tuple) -> int:
     """Bytes of the messages that stay on a GPU (for the meter)."""
-    return sum(Packet(*m).nbytes for m in messages if Packet(*m).ipc is not None)
+    packets = [Packet(*m) for m in messages]
+    return sum(p.nbytes for p in packets if p.ipc is not None)
