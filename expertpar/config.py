@@ -263,6 +263,9 @@ class ExpertsConfig:
     threads_per_actor: Optional[int] = None
     # same-node token batches through shared-memory buffers (false: Ray's object store)
     shared_memory: bool = True
+    # how same-node forward and backward calls travel: a Unix socket per actor (~50 us a
+    # call), or Ray actor calls (~1 ms); other calls, and peers on other nodes, use Ray
+    calls: Literal["socket", "ray"] = "socket"
 
     def check(self) -> list[tuple[str, str]]:
         bad = []

@@ -565,3 +565,10 @@ def test_a_router_gpu_share_must_fit_on_the_first_expert_actors_gpu():
                           "experts": {"gpus_per_actor": 1, "router_gpus": 0.25}})
     with pytest.raises(ConfigError, match=r"experts\.router_gpus.*>= 0"):
         config_from_dict({"data": {"train": "d"}, "experts": {"router_gpus": -0.5}})
+
+
+def test_the_call_channel_is_socket_by_default_and_refuses_others_with_the_choices():
+    assert config_from_dict({"data": {"train": "d"}}).experts.calls == "socket"
+    assert config_from_dict({"data": {"train": "d"}}, ["experts.calls=ray"]).experts.calls == "ray"
+    with pytest.raises(ConfigError, match=r"experts\.calls.*'grpc'.*socket.*ray"):
+        config_from_dict({"data": {"train": "d"}}, ["experts.calls=grpc"])

@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..config import MoEConfig
 from ..moe.layer import MoEOutput, RouteContext
 from ..moe.stats import RoutingStats
+from .calls import Peer
 from .wire import Links, gpu_bytes
 
 
@@ -32,8 +33,12 @@ class RayBackend:
         self.router = router
         self.rank = rank
         self.world_size = world_size
-        self.router_address, shared, _ = ray.get(router.address.remote())
+        self.router_address, shared, _, serves = ray.get(router.address.remote())
         self.links = Links(shared, device)
+        # forward and backward go through the router's socket when it is on this node
+        same_node = self.router_address[1] == self.links.node
+        self.calls = Peer(router, "the router",
+                          self.router_address[0] if serves and same_node else None)
         self.stepped: int | None = None  # the last optimizer step sent (see RemoteOwner.step)
         self.norms: dict[str, dict[int, torch.Tensor]] = {}  # call key -> layer -> norms
 
@@ -46,8 +51,8 @@ class RayBackend:
         other values, and books the bytes and the seconds not spent in the router."""
         t0 = time.perf_counter()
         packet = self.links.outbox(self.router_address).pack(tensors)
-        reply, *rest, busy = ray.get(getattr(self.router, method).remote(
-            *args, packet=packet, reply_to=self.links.address, **kwargs))
+        reply, *rest, busy = self.calls.call(method, *args, packet=packet,
+                                             reply_to=self.links.address, **kwargs)
         tensors_back = self.links.inbox.unpack(reply)
         self.links.meter.add(packet[1] + reply[1], time.perf_counter() - t0 - busy,
                              gpu_bytes=gpu_bytes(packet, reply))

@@ -10,6 +10,7 @@ the actor when to step.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ..moe.layer import expert_seed
 from ..train.checkpoint import read_shards
 from ..train.names import expert_entries, expert_file
 from ..train.owners import ParameterOwner, grad_norms_of
+from .calls import CallServer
 from .wire import Address, Links
 
 Shard = tuple[int, int]
@@ -37,7 +39,8 @@ def actor_device() -> torch.device:
 
 class ExpertActor:
     def __init__(self, shards: list[Shard], dim: int, moe: MoEConfig, train: TrainConfig,
-                 seed: int, checkpoint: str | None = None, shared_memory: bool = True):
+                 seed: int, checkpoint: str | None = None, shared_memory: bool = True,
+                 serve_calls: bool = True):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.device = actor_device()
         self.precision = moe.expert_precision
@@ -55,6 +58,11 @@ class ExpertActor:
             files = [expert_file(L, x) for L, x in self.experts]
             self.owner.load(read_shards(Path(checkpoint), files, verified=True),
                             where=checkpoint)
+        # forward and backward also come through a socket (calls.py), on its own thread, beside
+        # the step and checkpoint calls that come through Ray: one lock keeps them apart.
+        self.lock = threading.Lock()
+        self.server = (CallServer(self, self.links.id, {"forward", "backward"})
+                       if serve_calls else None)
 
     def info(self) -> dict:
         import ray
@@ -65,8 +73,9 @@ class ExpertActor:
                 "cpus": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
-    def address(self) -> Address:
-        return self.links.address
+    def address(self) -> tuple[Address, bool]:
+        """(link address, whether forward and backward are served on a socket)."""
+        return self.links.address, self.server is not None
 
     def set_threads(self, n: int) -> int:
         torch.set_num_threads(max(1, n))
@@ -75,6 +84,10 @@ class ExpertActor:
     def forward(self, key: str, layer: int, packet: tuple, experts: tuple[int, ...],
                 grad: bool, reply_to: Address) -> tuple[tuple, float]:
         """Rows of ``experts`` (one tensor each) -> their outputs, and the seconds computed."""
+        with self.lock:
+            return self._forward(key, layer, packet, experts, grad, reply_to)
+
+    def _forward(self, key, layer, packet, experts, grad, reply_to):
         t0 = time.perf_counter()
         xs = self.links.inbox.unpack(packet)
         saved = self.cache.setdefault((key, layer), {}) if grad else None
@@ -97,6 +110,10 @@ class ExpertActor:
                  reply_to: Address) -> tuple[tuple, float]:
         """Output gradients -> (input gradients and, last, this layer's expert gradient
         norms; the seconds computed)."""
+        with self.lock:
+            return self._backward(key, layer, packet, experts, reply_to)
+
+    def _backward(self, key, layer, packet, experts, reply_to):
         t0 = time.perf_counter()
         saved = self.cache.pop((key, layer))
         dxs = []
@@ -117,22 +134,29 @@ class ExpertActor:
     # The parameter-owner calls, forwarded (an actor's methods are what Ray can call).
 
     def grad_norms(self, step: int) -> torch.Tensor:
-        return self.owner.grad_norms(step)
+        with self.lock:
+            return self.owner.grad_norms(step)
 
     def step(self, lr: float, clip_coef: float) -> None:
-        self.owner.step(lr, clip_coef)
-        self.cache.clear()  # activations of an abandoned call never outlive a step
+        with self.lock:
+            self.owner.step(lr, clip_coef)
+            self.cache.clear()  # activations of an abandoned call never outlive a step
 
     def zero_grad(self) -> None:
-        self.owner.zero_grad()
-        self.cache.clear()
+        with self.lock:
+            self.owner.zero_grad()
+            self.cache.clear()
 
     def grads(self) -> dict[str, torch.Tensor]:
-        return self.owner.grads()
+        with self.lock:
+            return self.owner.grads()
 
     def export(self) -> dict[str, dict[str, torch.Tensor]]:
-        return self.owner.export()
+        with self.lock:
+            return self.owner.export()
 
     def close(self) -> None:
-        """Release the shared buffers (called before the actor is killed)."""
+        """Stop serving calls and release the shared buffers (before the actor is killed)."""
+        if self.server is not None:
+            self.server.close()
         self.links.close()

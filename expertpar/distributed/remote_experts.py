@@ -11,10 +11,10 @@ from __future__ import annotations
 import threading
 import time
 
-import ray
 import torch
 
 from ..moe.experts import ExpertBackend
+from .calls import PeerLost, results
 from .wire import Links, gpu_bytes
 
 
@@ -28,7 +28,7 @@ class RemoteExperts(ExpertBackend):
         self.actors = actors
         self.owner = owner  # (layer, expert) -> actor index
         self.links = links
-        self.peers = peers  # () -> every actor's link address, in actor order
+        self.peers = peers  # () -> every actor's (link address, Peer), in actor order
         # An outbox holds one message at a time: one fan-out at a time per router.
         self.lock = fan_out_lock or threading.Lock()
         self.call_key = "?"  # set by the router before each forward: names the cached activations
@@ -48,19 +48,29 @@ class RemoteExperts(ExpertBackend):
         peers = self.peers()
         with self.lock:
             t0 = time.perf_counter()
-            refs, sent, on_gpu = {}, 0, 0
-            for a, experts in per_actor.items():
-                packet = self.links.outbox(peers[a]).pack([pieces[e] for e in experts])
-                sent += packet[1]
-                on_gpu += gpu_bytes(packet)
-                refs[a] = getattr(self.actors[a], method).remote(
-                    key, self.layer, packet, tuple(experts), reply_to=self.links.address,
-                    **kwargs)
-            self.count(f"router->expert/{method}", len(refs))
+            pending, sent, on_gpu = {}, 0, 0
             try:
-                replies = dict(zip(refs, ray.get(list(refs.values()))))  # concurrent, gathered
-            except ray.exceptions.RayActorError as err:
-                raise self._which_actor_died(refs, method) from err
+                for a, experts in per_actor.items():
+                    address, peer = peers[a]
+                    packet = self.links.outbox(address).pack([pieces[e] for e in experts])
+                    sent += packet[1]
+                    on_gpu += gpu_bytes(packet)
+                    pending[a] = peer.request(method, key, self.layer, packet, tuple(experts),
+                                              reply_to=self.links.address, **kwargs)
+            except BaseException:
+                results(pending)  # read the replies of what went out before the failure
+                raise
+            finally:
+                self.count(f"router->expert/{method}", len(pending))
+            replies, failed = results(pending)  # they compute at once; every reply is read
+            if failed:
+                a, err = failed
+                if isinstance(err, PeerLost):
+                    hosted = sorted(e for (l, e), owner in self.owner.items()
+                                    if owner == a and l == self.layer)
+                    raise PeerLost(f"{err} (MoE layer {self.layer}, experts {hosted}); resume "
+                                   f"from the last checkpoint") from err
+                raise err
             got: dict[int, torch.Tensor] = {}
             norms, busy = [], 0.0
             for a, experts in per_actor.items():
@@ -78,20 +88,8 @@ class RemoteExperts(ExpertBackend):
                              for e, piece in enumerate(pieces)]) if pieces else None
             if method == "backward":
                 self.norms = torch.cat(norms) if norms else torch.zeros(0)
-            self.links.meter.add(sent, time.perf_counter() - t0 - busy, len(refs), on_gpu)
+            self.links.meter.add(sent, time.perf_counter() - t0 - busy, len(pending), on_gpu)
         return out
-
-    def _which_actor_died(self, refs: dict, method: str) -> RuntimeError:
-        for a, ref in refs.items():
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError as err:
-                hosted = sorted(e for (l, e), owner in self.owner.items()
-                                if owner == a and l == self.layer)
-                return RuntimeError(f"expert actor {a} (MoE layer {self.layer}, experts "
-                                    f"{hosted}) died during {method}: {type(err).__name__}; "
-                                    f"resume from the last checkpoint")
-        return RuntimeError(f"an expert actor died during {method} of MoE layer {self.layer}")
 
 
 class _RemoteExpertsFn(torch.autograd.Function):

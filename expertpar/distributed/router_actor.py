@@ -29,6 +29,7 @@ from ..moe.layer import MoELayer, RouteContext
 from ..train.checkpoint import read_shards
 from ..train.names import ROUTER_FILE, gate_entries
 from ..train.owners import ParameterOwner, grad_norms_of
+from .calls import CallServer, Peer
 from .expert_actor import actor_device
 from .remote_experts import RemoteExperts
 from .wire import Address, Links
@@ -49,7 +50,8 @@ class _Gather:
 class RouterActor:
     def __init__(self, dim: int, moe: MoEConfig, train: TrainConfig, num_layers: int, seed: int,
                  actors: list, owner: dict[tuple[int, int], int], checkpoint: str | None = None,
-                 shared_memory: bool = True, threads: int | None = None):
+                 shared_memory: bool = True, threads: int | None = None,
+                 calls: str = "socket"):
         # The router gates, dispatches and combines every token while the workers wait and the
         # experts idle: it may use the node's cores (router_threads), not Ray's 1-CPU default.
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
@@ -60,7 +62,8 @@ class RouterActor:
         self.calls: Counter = Counter()  # Ray calls made and received, for `expertpar bench`
         self.links = Links(shared_memory, self.device)
         self.actors = actors
-        self._peers: list[Address] | None = None
+        self.socket_calls = calls == "socket"
+        self._peers: list[tuple[Address, Peer]] | None = None
         fan_out_lock = threading.Lock()
         self.layers = [MoELayer(dim, moe, L, seed=seed,
                                 experts=RemoteExperts(L, actors, owner, self.links, self.peers,
@@ -78,21 +81,37 @@ class RouterActor:
         if checkpoint:  # verified by the driver; the router reads only the gates' file
             self.owner.load(read_shards(Path(checkpoint), [ROUTER_FILE], verified=True),
                             where=checkpoint)
+        # Workers on this node send forward and backward through a socket (calls.py).
+        self.server = (CallServer(self, self.links.id, {"forward", "backward"})
+                       if self.socket_calls else None)
 
-    def address(self) -> tuple[Address, bool, str]:
-        """(link address, shared memory on, device): what a worker needs to send here."""
-        return self.links.address, self.links.shared_memory, str(self.device)
+    def address(self) -> tuple[Address, bool, str, bool]:
+        """(link address, shared memory on, device, forward and backward served on a socket):
+        what a worker needs to call and send here."""
+        return (self.links.address, self.links.shared_memory, str(self.device),
+                self.server is not None)
 
     def info(self) -> dict:
-        """Where the router runs: node, resources, GPU ids, device."""
+        """Where the router runs (node, resources, GPU ids, device) and how it calls each
+        expert actor (``socket`` or ``ray``)."""
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
                 "gpu_ids": ray.get_gpu_ids(), "device": str(self.device),
-                "placement_group_id": ctx.get_placement_group_id()}
+                "placement_group_id": ctx.get_placement_group_id(),
+                "expert_calls": ["socket" if peer.via_socket else "ray"
+                                 for _, peer in self.peers()]}
 
-    def peers(self) -> list[Address]:
+    def peers(self) -> list[tuple[Address, Peer]]:
+        """Every expert actor's link address and the way to call it (its socket when it is on
+        this node), in actor order."""
         if self._peers is None:
-            self._peers = ray.get([a.address.remote() for a in self.actors])
+            peers = []
+            for a, (address, serves) in enumerate(ray.get([h.address.remote()
+                                                           for h in self.actors])):
+                direct = self.socket_calls and serves and address[1] == self.links.node
+                peers.append((address, Peer(self.actors[a], f"expert actor {a}",
+                                            address[0] if direct else None)))
+            self._peers = peers
         return self._peers
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -112,6 +131,10 @@ class RouterActor:
         return self.links.meter.take()
 
     def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for _, peer in self._peers or []:
+            peer.close()
         self.links.close()
 
     # ----------------------------------------------------------------- rendezvous

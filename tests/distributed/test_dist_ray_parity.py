@@ -51,12 +51,13 @@ def routed(routing: str) -> dict:
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
-@pytest.mark.parametrize("num_actors", [1, 2, 4])
+@pytest.mark.parametrize("num_actors,calls", [(1, "socket"), (2, "socket"), (4, "socket"),
+                                              (2, "ray")])
 def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_path, batch,
-                                                     num_actors, routing):
+                                                     num_actors, calls, routing):
     tok, images, ids, mask = batch
     cfg = tiny_config(synth_dir, tmp_path, **routed(routing), **{
-        "distributed.backend": "ray", "experts.num_actors": num_actors,
+        "distributed.backend": "ray", "experts.num_actors": num_actors, "experts.calls": calls,
         "experts.cpus_per_actor": 0.5, "model.moe.capacity_factor": 1.0,
         "model.moe.noise_std": 0.3, "model.moe.local_entropy_weight": 0.01,
         "model.moe.global_entropy_weight": 0.01})
@@ -65,6 +66,9 @@ def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_p
     moe = start_moe_actors(cfg)
     try:
         backend = RayBackend(moe.router)
+        # Forward and backward go the configured way, worker -> router -> every actor.
+        assert backend.calls.via_socket == (calls == "socket")
+        assert ray.get(moe.router.info.remote())["expert_calls"] == [calls] * num_actors
         remote = build_model(cfg, vocab_size(tok), backend)
         owners_r = [dense_owner(remote, cfg), RemoteOwner(backend, lead=True)]
         ctx = RouteContext(seed=0, step=0)

@@ -1,0 +1,247 @@
+"""Calls between processes: a Unix socket per actor on one node, Ray calls otherwise.
+
+A MoE step makes 2L calls from each train worker to the router and 2L fan-outs from the router
+to the expert actors, one after the other. As Ray actor tasks these cost 0.5-1 ms each, and a
+fan-out to 2 actors 2.3-3.7 ms on a loaded 2-core machine; the same request/reply over a
+Unix-domain socket costs 46-62 microseconds (both measured here). So the router and every
+expert actor also serve their ``forward`` and ``backward`` on a socket, and a caller on the same
+node uses it; set-up, the optimizer step, checkpoints and peers on other nodes stay Ray calls
+(``experts.calls: ray`` makes every call one).
+
+A call is a length-prefixed pickle of small plain values: the tensors themselves travel in
+the wire buffers (wire.py), never through the socket. Each connection is served by its own
+thread, so a method served here runs beside the actor's Ray calls: the served object guards its
+state itself. A peer that dies closes its end, and the caller hears of it at once
+(``PeerLost``) instead of after a timeout.
+"""
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+
+import ray
+
+CALL_TIMEOUT_S = 900.0  # a backstop for a peer that is alive but stuck (the router waits 600 s)
+_HEADER = struct.Struct("!Q")
+
+
+class PeerLost(RuntimeError):
+    """The called process is gone (its socket closed, or Ray says the actor died)."""
+
+
+class RemoteError(RuntimeError):
+    """The called method raised; the message carries the peer's traceback."""
+
+
+def socket_name(link_id: str) -> str:
+    """The socket of the process whose link id is ``link_id``. On Linux an abstract socket:
+    no file to leave behind when the process is killed, no path-length limit."""
+    if sys.platform.startswith("linux"):
+        return f"\0expertpar-calls-{link_id}"
+    return str(Path(tempfile.gettempdir()) / f"expertpar-calls-{link_id}.sock")
+
+
+def _send(conn: socket.socket, value) -> None:
+    payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    conn.sendall(_HEADER.pack(len(payload)) + payload)
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytearray | None:
+    data = bytearray(n)
+    view, got = memoryview(data), 0
+    while got < n:
+        k = conn.recv_into(view[got:])
+        if k == 0:
+            return None  # the other end closed
+        got += k
+    return data
+
+
+def _recv(conn: socket.socket):
+    header = _recv_exactly(conn, _HEADER.size)
+    if header is None:
+        return _CLOSED
+    body = _recv_exactly(conn, _HEADER.unpack(header)[0])
+    if body is None:
+        return _CLOSED
+    return pickle.loads(body)
+
+
+_CLOSED = object()
+
+
+class CallServer:
+    """Serves ``methods`` of ``target`` on the socket named after ``link_id``, one thread per
+    connection; ``close`` stops taking calls."""
+
+    def __init__(self, target, link_id: str, methods: set[str]):
+        self.target = target
+        self.methods = frozenset(methods)
+        self.name = socket_name(link_id)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.name)
+        self._listener.listen(64)
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, name="expertpar-calls", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="expertpar-call",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                request = _recv(conn)
+                if request is _CLOSED:
+                    return
+                method, args, kwargs = request
+                try:
+                    if method not in self.methods:
+                        raise AttributeError(f"{method!r} is not served on this socket")
+                    reply = (True, getattr(self.target, method)(*args, **kwargs))
+                except BaseException as err:  # the caller must hear of it, whatever it is
+                    reply = (False, f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+                _send(conn, reply)
+        except OSError:
+            return  # the caller went away mid-call; nothing to answer
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._listener.close()
+        if not self.name.startswith("\0"):
+            Path(self.name).unlink(missing_ok=True)
+
+
+class Peer:
+    """A process this one calls: through its socket when ``link_id`` is given (same node, and
+    it serves one), else through its Ray actor ``handle``. ``name`` says who it is in errors.
+
+    ``request`` sends and returns a ``Pending`` whose ``result`` waits for the reply, so a
+    caller can have several peers compute at once; one request per peer at a time.
+    """
+
+    def __init__(self, handle, name: str, link_id: str | None = None):
+        self.handle = handle
+        self.name = name
+        self.link_id = link_id
+        self._conn: socket.socket | None = None
+        self._lock = threading.Lock()  # held from a request until its reply is read
+
+    @property
+    def via_socket(self) -> bool:
+        return self.link_id is not None
+
+    def call(self, method: str, *args, **kwargs):
+        return self.request(method, *args, **kwargs).result()
+
+    def request(self, method: str, *args, **kwargs) -> Pending:
+        if not self.via_socket:
+            return Pending(self, method, ref=getattr(self.handle, method).remote(*args, **kwargs))
+        self._lock.acquire()
+        try:
+            conn = self._connected(method)
+            _send(conn, (method, args, kwargs))
+        except BaseException as err:
+            self._drop()
+            self._lock.release()
+            if isinstance(err, OSError):
+                raise PeerLost(f"{self.name} is unreachable ({method}): {err}") from err
+            raise
+        return Pending(self, method, conn=conn)
+
+    def _connected(self, method: str) -> socket.socket:
+        if self._conn is None:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(CALL_TIMEOUT_S)
+            conn.connect(socket_name(self.link_id))
+            self._conn = conn
+        return self._conn
+
+    def _drop(self) -> None:
+        """Forget the connection: after an error its next bytes cannot be trusted."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+class Pending:
+    """A request in flight; ``result`` returns its reply or raises what the peer raised,
+    ``PeerLost`` when the peer died, ``TimeoutError`` after ``CALL_TIMEOUT_S``."""
+
+    def __init__(self, peer: Peer, method: str, ref=None, conn: socket.socket | None = None):
+        self.peer, self.method, self.ref, self.conn = peer, method, ref, conn
+
+    def result(self):
+        peer = self.peer
+        if self.conn is None:
+            try:
+                return ray.get(self.ref)
+            except ray.exceptions.RayActorError as err:
+                raise PeerLost(f"{peer.name} died during {self.method}: "
+                               f"{type(err).__name__}") from err
+        try:
+            reply = _recv(self.conn)
+            if reply is _CLOSED:
+                peer._drop()
+                raise PeerLost(f"{peer.name} died during {self.method} (its socket closed)")
+        except socket.timeout as err:
+            peer._drop()
+            raise TimeoutError(f"{peer.name} did not answer {self.method} within "
+                               f"{CALL_TIMEOUT_S:.0f}s") from err
+        except (OSError, EOFError) as err:
+            peer._drop()
+            raise PeerLost(f"{peer.name} died during {self.method}: {err!r}") from err
+        except BaseException:
+            peer._drop()
+            raise
+        finally:
+            peer._lock.release()
+        ok, value = reply
+        if not ok:
+            raise RemoteError(f"{peer.name} failed in {self.method}: {value}")
+        return value
+
+
+def results(pendings: dict) -> tuple[dict, tuple | None]:
+    """Every reply of ``pendings`` (key -> Pending), all read even when one fails, so that no
+    connection is left with an unread reply: (key -> reply, (key, error) of the first
+    failure or None)."""
+    out, failed = {}, None
+    for key, pending in pendings.items():
+        try:
+            out[key] = pending.result()
+        except Exception as err:  # read the others first
+            failed = failed or (key, err)
+    return out, failed
+
