@@ -94,9 +94,15 @@ class MoEConfig:
     # the expert FFNs' matmuls: float32, or bfloat16 under autocast (weights, gradients and
     # optimizer state stay float32; the gate and routing always run in float32)
     expert_precision: Literal["float32", "bfloat16"] = "float32"
+    # GShard routing groups: a training batch is routed in this many groups of whole samples
+    # (capacity and noise per group; losses and statistics over the batch). On Ray each
+    # router actor routes one group: it must equal experts.num_routers
+    routing_groups: int = 1
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
+        if self.routing_groups < 1:
+            bad.append(("routing_groups", "must be >= 1"))
         if self.num_experts < 1:
             bad.append(("num_experts", "must be >= 1"))
         if self.top_k < 1:

@@ -79,7 +79,8 @@ class RemoteMoE(nn.Module):
         self._eval_calls = itertools.count()
 
     def forward(self, x_TD: torch.Tensor, modality_T: torch.Tensor,
-                ctx: RouteContext = RouteContext()) -> MoEOutput:
+                ctx: RouteContext = RouteContext(), group_T=None) -> MoEOutput:
+        # No group_T: this worker's tokens all belong to the group its router routes.
         if self.training:
             # Every worker joins the same training call; the step names it.
             key, rank, size = f"train:{ctx.step}", self.backend.rank, self.backend.world_size

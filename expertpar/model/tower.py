@@ -57,7 +57,11 @@ class Block(nn.Module):
         modality_T = torch.cat([torch.full((int(s.mask_BN.sum()),), s.modality,
                                            dtype=torch.long, device=x_TD.device) for s in seqs])
         h_TD = self.norm2(x_TD)
-        moe_out = self.ffn(h_TD, modality_T, ctx) if self.is_moe else None
+        moe_out = None
+        if self.is_moe:
+            groups = getattr(self.ffn, "routing_groups", 1)
+            group_T = _group_of_token(seqs, groups) if groups > 1 else None
+            moe_out = self.ffn(h_TD, modality_T, ctx, group_T)
         y_TD = moe_out.y_TD if moe_out is not None else self.ffn(h_TD)
         out, start = [], 0
         for s in seqs:
@@ -67,3 +71,14 @@ class Block(nn.Module):
             out.append(Seq(s.x_BND + delta_BND, s.mask_BN, s.modality))
             start += n
         return out, moe_out
+
+
+def _group_of_token(seqs: list[Seq], groups: int) -> torch.Tensor:
+    """Each gathered token's routing group: sample b of B is in group b * groups // B, so a
+    group is a run of whole samples, as the samples of a Ray router's train workers are."""
+    out = []
+    for s in seqs:
+        B = s.mask_BN.shape[0]
+        sample_T = torch.arange(B, device=s.mask_BN.device).repeat_interleave(s.mask_BN.sum(1))
+        out.append(sample_T * groups // B)
+    return torch.cat(out)

@@ -9,7 +9,7 @@ an expert backend only ever sees ``forward(x_AD, counts_E) -> y_AD``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -19,7 +19,7 @@ from ..config import MoEConfig
 from .dispatch import combine, dispatch, make_plan
 from .experts import ExpertBackend, LocalExperts, init_expert_
 from .losses import aux_losses
-from .router import route
+from .router import Routing, route
 from .stats import RoutingStats
 
 
@@ -29,8 +29,10 @@ class RouteContext:
     seed: int = 0
     step: int = 0
 
-    def noise_seed(self, layer_index: int) -> int:
-        return ((self.seed * 1_000_003 + self.step) * 1009 + layer_index) % (2**63)
+    def noise_seed(self, layer_index: int, group: int = 0) -> int:
+        base = ((self.seed * 1_000_003 + self.step) * 1009 + layer_index) % (2**63)
+        # Each routing group draws its own noise (group 0 keeps the ungrouped stream).
+        return base if group == 0 else (base * 31 + group * 1_000_033) % (2**63)
 
 
 class MoEOutput(NamedTuple):
@@ -65,16 +67,86 @@ class MoELayer(nn.Module):
                 init_expert_(expert, expert_seed(seed, layer_index, e))
         self.experts = experts
 
+    @property
+    def routing_groups(self) -> int:
+        return self.cfg.routing_groups
+
     def forward(self, x_TD: torch.Tensor, modality_T: torch.Tensor,
-                ctx: RouteContext = RouteContext()) -> MoEOutput:
+                ctx: RouteContext = RouteContext(),
+                group_T: torch.Tensor | None = None) -> MoEOutput:
+        """``group_T``: each token's routing group (GShard's groups, ``routing_groups``).
+        In training every group is routed on its own (its own capacity and noise) and the
+        auxiliary losses and statistics are those of the whole batch; evaluation routes the
+        batch as one group."""
+        if group_T is None or not self.training or self.cfg.routing_groups == 1:
+            y_TD, routing = self._route_and_run(x_TD, modality_T, ctx, 0)
+            aux_loss, aux = aux_losses(routing, modality_T, self.cfg)
+            return MoEOutput(y_TD, aux_loss, {k: v.detach() for k, v in aux.items()},
+                             RoutingStats.of(routing, modality_T))
+        y_TD = torch.zeros_like(x_TD)
+        parts = []
+        for g in range(self.cfg.routing_groups):
+            (idx,) = torch.nonzero(group_T == g, as_tuple=True)
+            y_g, routing = self._route_and_run(x_TD[idx], modality_T[idx], ctx, g)
+            y_TD = y_TD.index_put((idx,), y_g)
+            parts.append(GroupRouting.of(routing, modality_T[idx]))
+        return _joined(y_TD, parts, 0, self.cfg)
+
+    def forward_group(self, x_TD: torch.Tensor, modality_T: torch.Tensor, ctx: RouteContext,
+                      group: int, share) -> MoEOutput:
+        """Route one group of a batch whose other groups are routed elsewhere (a router
+        actor among ``routing_groups``). ``share(part)`` sends this group's ``GroupRouting``
+        and returns every group's, in group order; the losses and statistics are then those
+        of the whole batch, as ``forward`` computes them, with gradients through this
+        group's routing only."""
+        y_TD, routing = self._route_and_run(x_TD, modality_T, ctx, group)
+        part = GroupRouting.of(routing, modality_T)
+        parts = share(part.detached())
+        parts[group] = part
+        return _joined(y_TD, parts, group, self.cfg)
+
+    def _route_and_run(self, x_TD, modality_T, ctx, group: int):
         routing = route(x_TD, self.gate.w_ED, modality_T, self.cfg, training=self.training,
-                        noise_seed=ctx.noise_seed(self.layer_index))
+                        noise_seed=ctx.noise_seed(self.layer_index, group))
         plan = make_plan(routing)
         y_AD = self.experts(dispatch(x_TD, plan), plan.counts_E)
-        y_TD = combine(y_AD, routing.weight_A, plan)
-        aux_loss, aux = aux_losses(routing, modality_T, self.cfg)
-        aux = {k: v.detach() for k, v in aux.items()}
-        return MoEOutput(y_TD, aux_loss, aux, RoutingStats.of(routing, modality_T))
+        return combine(y_AD, routing.weight_A, plan), routing
+
+
+@dataclass
+class GroupRouting:
+    """What the whole-batch losses and statistics need of one group's routing: small."""
+    routing: Routing  # probs, logits and routed experts; kept assignments for the statistics
+    modality_T: torch.Tensor
+    stats: RoutingStats
+
+    @staticmethod
+    def of(routing: Routing, modality_T: torch.Tensor) -> "GroupRouting":
+        return GroupRouting(routing, modality_T, RoutingStats.of(routing, modality_T))
+
+    def detached(self) -> "GroupRouting":
+        r = self.routing
+        return GroupRouting(replace(r, logits_TE=r.logits_TE.detach(),
+                                    probs_TE=r.probs_TE.detach(),
+                                    weight_A=r.weight_A.detach()),
+                            self.modality_T, self.stats)
+
+
+def _joined(y_TD: torch.Tensor, parts: list[GroupRouting], group: int,
+            cfg: MoEConfig) -> MoEOutput:
+    """The layer output of grouped routing: the auxiliary losses over every group's tokens
+    (in group order), the statistics summed."""
+    device = parts[group].routing.probs_TE.device
+    whole = replace(parts[group].routing,
+                    logits_TE=torch.cat([p.routing.logits_TE.to(device) for p in parts]),
+                    probs_TE=torch.cat([p.routing.probs_TE.to(device) for p in parts]),
+                    expert_R=torch.cat([p.routing.expert_R.to(device) for p in parts]))
+    modality_T = torch.cat([p.modality_T.to(device) for p in parts])
+    aux_loss, aux = aux_losses(whole, modality_T, cfg)
+    stats = parts[0].stats
+    for p in parts[1:]:
+        stats = stats + p.stats
+    return MoEOutput(y_TD, aux_loss, {k: v.detach() for k, v in aux.items()}, stats)
 
 
 def expert_seed(seed: int, layer_index: int, expert: int) -> int:
