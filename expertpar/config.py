@@ -269,6 +269,9 @@ class ExpertsConfig:
     threads_per_actor: Optional[int] = None
     # same-node token batches through shared-memory buffers (false: Ray's object store)
     shared_memory: bool = True
+    # router actors; each routes the tokens of num_workers / num_routers train workers as one
+    # group (model.moe.routing_groups must match), so no single router serves every worker
+    num_routers: int = 1
     # how same-node forward and backward calls travel: a Unix socket per actor (~50 us a
     # call), or Ray actor calls (~1 ms); other calls, and peers on other nodes, use Ray
     calls: Literal["socket", "ray"] = "socket"
@@ -277,16 +280,21 @@ class ExpertsConfig:
         bad = []
         if self.num_actors < 1:
             bad.append(("num_actors", "must be >= 1"))
+        if self.num_routers < 1:
+            bad.append(("num_routers", "must be >= 1"))
         for key in ("router_threads", "threads_per_actor"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 bad.append((key, "must be >= 1 or null"))
         for key in ("cpus_per_actor", "gpus_per_actor", "router_cpus", "router_gpus"):
             if getattr(self, key) < 0:
                 bad.append((key, "must be >= 0"))
-        if self.router_gpus > 0 and self.gpus_per_actor + self.router_gpus > 1:
+        per_gpu = -(-self.num_routers // max(1, self.num_actors))  # routers beside one actor
+        if self.router_gpus > 0 and self.gpus_per_actor + per_gpu * self.router_gpus > 1:
             bad.append(("router_gpus", f"with gpus_per_actor {self.gpus_per_actor} must leave "
                         f"gpus_per_actor + router_gpus <= 1: the router shares the first expert "
-                        f"actor's GPU"))
+                        f"actor's GPU" + (f" (router r shares actor r mod num_actors', so "
+                                          f"{per_gpu} routers share one GPU)"
+                                          if per_gpu > 1 else "")))
         if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
             bad.append(("gpus_per_actor", "must be a fraction <= 1 or a whole number"))
         return bad
@@ -333,6 +341,14 @@ class Config:
                                        self.model.moe.num_experts)
             if problem:
                 bad.append(("experts.num_actors", problem))
+            R = self.experts.num_routers
+            if W % R:
+                bad.append(("experts.num_routers", f"{R} must divide distributed.num_workers "
+                            f"({W}): each router serves num_workers / num_routers workers"))
+            if self.model.moe.routing_groups != R:
+                bad.append(("model.moe.routing_groups", f"{self.model.moe.routing_groups} must "
+                            f"equal experts.num_routers ({R}) on Ray: each router routes one "
+                            f"group, the tokens of its workers"))
         if self.distributed.use_gpu and self.train.device == "cpu":
             bad.append(("distributed.use_gpu", "is true but train.device is 'cpu': the workers "
                         "would hold a GPU and not use it; set train.device: cuda (or auto), "

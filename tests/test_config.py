@@ -572,3 +572,20 @@ def test_the_call_channel_is_socket_by_default_and_refuses_others_with_the_choic
     assert config_from_dict({"data": {"train": "d"}}, ["experts.calls=ray"]).experts.calls == "ray"
     with pytest.raises(ConfigError, match=r"experts\.calls.*'grpc'.*socket.*ray"):
         config_from_dict({"data": {"train": "d"}}, ["experts.calls=grpc"])
+
+
+def test_routers_must_divide_the_workers_and_match_the_routing_groups():
+    tree = {"data": {"train": "d"}, "distributed": {"backend": "ray", "num_workers": 4},
+            "train": {"batch_size": 64}, "model": {"moe": {"routing_groups": 2}},
+            "experts": {"num_routers": 2}}
+    assert config_from_dict(tree).experts.num_routers == 2
+    with pytest.raises(ConfigError, match=r"experts\.num_routers.*3 must divide "
+                                          r"distributed\.num_workers \(4\)"):
+        config_from_dict(tree, ["experts.num_routers=3", "model.moe.routing_groups=3"])
+    with pytest.raises(ConfigError, match=r"model\.moe\.routing_groups.*1 must equal "
+                                          r"experts\.num_routers \(2\)"):
+        config_from_dict(tree, ["model.moe.routing_groups=1"])
+    with pytest.raises(ConfigError, match=r"experts\.num_routers.*>= 1"):
+        config_from_dict(tree, ["experts.num_routers=0", "model.moe.routing_groups=0"])
+    # In process, routing groups need no routers.
+    assert config_from_dict({"data": {"train": "d"}, "model": {"moe": {"routing_groups": 4}}})

@@ -142,6 +142,7 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         (run_dir / "ray_topology.json").write_text(json.dumps(
             {"expert_actors": moe.infos,
              "router": {"node_id": moe.router_node, "device": moe.router_device},
+             "routers": moe.router_infos,
              "num_workers": cfg.distributed.num_workers},
             indent=1, default=str))
         times["total"] = time.perf_counter() - t_setup
@@ -150,7 +151,7 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         with relay_console() as console:
             trainer = TorchTrainer(
                 train_worker,
-                train_loop_config={"payload": WorkerPayload(spec, moe.router, console,
+                train_loop_config={"payload": WorkerPayload(spec, moe.routers, console,
                                                             log.getEffectiveLevel())},
                 datasets=train_datasets(spec.train_location, cfg, spec.tokenizer_json,
                                         start=spec.start, end=spec.end),

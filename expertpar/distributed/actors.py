@@ -9,7 +9,7 @@ import logging
 import os
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import (placement_group, placement_group_table,
@@ -28,18 +28,26 @@ log = logging.getLogger("expertpar")
 
 @dataclass
 class MoEActors:
-    router: object
+    routers: list  # router r routes group r (experts.num_routers); router 0 leads
     actors: list
     hosts: list[list[tuple[int, int]]]
     pg: object
     infos: list[dict]  # per actor: node, shards, resources, device
-    router_node: str = ""  # the node the router runs on
-    router_device: str = "cpu"  # where the router gates (cuda with experts.router_gpus)
+    router_node: str = ""  # the node router 0 runs on
+    router_device: str = "cpu"  # where router 0 gates (cuda with experts.router_gpus)
+    router_infos: list[dict] = field(default_factory=list)  # per router: RouterActor.info
+
+    @property
+    def router(self):
+        """Router 0, which speaks for every router and expert actor."""
+        return self.routers[0]
 
     def failure_summary(self, timeout_s: float = 10.0) -> str:
         """Which MoE actors are gone (after a failed job), in words."""
         dead = []
-        for name, handle, what in [("router", self.router, "the gates"),
+        routers = [("router", self.router, "the gates")] if len(self.routers) == 1 else [
+            (f"router {r}", h, f"the gates of group {r}") for r, h in enumerate(self.routers)]
+        for name, handle, what in [*routers,
                                    *[(f"expert actor {a}", h, f"experts {self.hosts[a]}")
                                      for a, h in enumerate(self.actors)]]:
             try:
@@ -49,7 +57,7 @@ class MoEActors:
         return "; ".join(dead) if dead else "a train worker failed (see its error above)"
 
     def shutdown(self) -> None:
-        handles = [self.router, *self.actors]
+        handles = [*self.routers, *self.actors]
         # Each releases its shared buffers first (a killed process cannot); a dead or stuck
         # one is not waited for, and its buffers are swept below once its process is gone.
         ray.wait([h.close.remote() for h in handles], num_returns=len(handles), timeout=10)
@@ -74,10 +82,12 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
         bundle["GPU"] = ex.gpus_per_actor
     strategy = "SPREAD" if ex.placement == "spread" else "PACK"
     bundles = [dict(bundle) for _ in range(A)]
+    R = ex.num_routers
     if ex.router_gpus:
-        # The router's GPU share goes in the first expert actor's bundle: one GPU for both.
-        bundles[0]["GPU"] = bundles[0].get("GPU", 0) + ex.router_gpus
-        bundles[0]["CPU"] += ex.router_cpus
+        # Router r's GPU share goes in expert actor (r mod A)'s bundle: one GPU for both.
+        for r in range(R):
+            bundles[r % A]["GPU"] = bundles[r % A].get("GPU", 0) + ex.router_gpus
+            bundles[r % A]["CPU"] += ex.router_cpus
     pg = placement_group(bundles, strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
@@ -110,28 +120,39 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
             **actor_env(ex.gpus_per_actor),
         ).remote(host, cfg.model.dim, cfg.model.moe, cfg.train, cfg.run.seed, checkpoint,
                  ex.shared_memory, ex.calls == "socket"))
-    # The router goes where the experts are (the first bundle's node): with 0 CPUs it
+    # Router r goes where the experts are (expert bundle r mod A's node): with 0 CPUs it
     # could otherwise land on a GPU-less head, one network hop from workers and experts alike.
-    # With a GPU share it runs in the first bundle, on the first expert actor's GPU.
-    near_experts = (PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-                    if ex.router_gpus else NodeAffinitySchedulingStrategy(
-                        node_id=placement_group_table(pg)["bundles_to_node_id"][0], soft=False))
-    router = ray.remote(RouterActor).options(
-        name=f"expertpar-{cfg.run.name}-{tag}-router", num_cpus=ex.router_cpus,
-        num_gpus=ex.router_gpus or None,
-        max_concurrency=4 * cfg.distributed.num_workers + 8, scheduling_strategy=near_experts,
-        **actor_env(ex.router_gpus),
-    ).remote(cfg.model.dim, cfg.model.moe, cfg.train, L, cfg.run.seed, actors,
-             owner_table(hosts), checkpoint, ex.shared_memory, ex.router_threads, ex.calls)
-    moe = MoEActors(router, actors, hosts, pg, [])
+    # With a GPU share it runs in that bundle, on that expert actor's GPU.
+    bundle_nodes = placement_group_table(pg)["bundles_to_node_id"]
+    routers_on = Counter(bundle_nodes[r % A] for r in range(R))
+    routers: list = []
+    for r in range(R):
+        near_experts = (PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r % A)
+                        if ex.router_gpus else NodeAffinitySchedulingStrategy(
+                            node_id=bundle_nodes[r % A], soft=False))
+        routers.append(ray.remote(RouterActor).options(
+            name=f"expertpar-{cfg.run.name}-{tag}-router{'' if r == 0 else r}",
+            num_cpus=ex.router_cpus, num_gpus=ex.router_gpus or None,
+            max_concurrency=4 * cfg.distributed.num_workers + 2 * R + 8,
+            scheduling_strategy=near_experts, **actor_env(ex.router_gpus),
+        ).remote(cfg.model.dim, cfg.model.moe, cfg.train, L, cfg.run.seed, actors,
+                 owner_table(hosts), checkpoint, ex.shared_memory, ex.router_threads, ex.calls,
+                 index=r, num_routers=R, lead=routers[0] if r else None,
+                 routers_here=routers_on[bundle_nodes[r % A]]))
+    router = routers[0]
+    moe = MoEActors(routers, actors, hosts, pg, [])
     try:
+        if R > 1:
+            ray.get(router.set_routers.remote(routers[1:]))
         infos = ray.get([a.info.remote() for a in actors])
         threads = actor_threads(infos, ex.threads_per_actor)
         for info, n in zip(infos, threads):
             info["threads"] = n
         ray.get([h.set_threads.remote(n) for h, n in zip(actors, threads)])
         moe.infos = infos
-        ray.get(router.grad_norms.remote(-1))  # the router is up and reaches every actor
+        # Every router is up and reaches every actor.
+        ray.get([r.grad_norms.remote(-1) for r in routers])
+        moe.router_infos = ray.get([r.info.remote() for r in routers])
         address, _, moe.router_device, _ = ray.get(router.address.remote())
         moe.router_node = address[1]
     except Exception:
@@ -147,3 +168,4 @@ def actor_threads(infos: list[dict], fixed: int | None) -> list[int]:
         return [fixed] * len(infos)
     per_node = Counter(info["node_id"] for info in infos)
     return [max(1, info["cpus"] // per_node[info["node_id"]]) for info in infos]
+

@@ -26,18 +26,22 @@ from .wire import Links, gpu_bytes
 class RayBackend:
     name = "ray"
 
-    def __init__(self, router, *, rank: int = 0, world_size: int = 1,
+    def __init__(self, routers, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu"):
-        """``device``: where this worker's activations are (its GPU is advertised to the
-        router, so tokens can stay on it when the router shares it)."""
-        self.router = router
-        self.rank = rank
-        self.world_size = world_size
-        self.router_address, shared, _, serves = ray.get(router.address.remote())
+        """``routers``: the router actor, or the list of them (experts.num_routers): worker
+        ``rank`` of ``world_size`` calls the router of its group, as one of the group's
+        workers. ``device``: where this worker's activations are (its GPU is advertised to
+        the router, so tokens can stay on it when the router shares it)."""
+        routers = routers if isinstance(routers, (list, tuple)) else [routers]
+        per_router = world_size // len(routers)
+        self.router = routers[rank // per_router]
+        self.rank = rank % per_router  # within the router's group
+        self.world_size = per_router
+        self.router_address, shared, _, serves = ray.get(self.router.address.remote())
         self.links = Links(shared, device)
         # forward and backward go through the router's socket when it is on this node
         same_node = self.router_address[1] == self.links.node
-        self.calls = Peer(router, "the router",
+        self.calls = Peer(self.router, "the router",
                           self.router_address[0] if serves and same_node else None)
         self.stepped: int | None = None  # the last optimizer step sent (see RemoteOwner.step)
         self.norms: dict[str, dict[int, torch.Tensor]] = {}  # call key -> layer -> norms

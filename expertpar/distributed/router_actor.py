@@ -18,14 +18,14 @@ import os
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import ray
 import torch
 
 from ..config import MoEConfig, TrainConfig
-from ..moe.layer import MoELayer, RouteContext
+from ..moe.layer import GroupRouting, MoELayer, RouteContext
 from ..train.checkpoint import read_shards
 from ..train.names import ROUTER_FILE, gate_entries
 from ..train.owners import ParameterOwner, grad_norms_of
@@ -51,10 +51,12 @@ class RouterActor:
     def __init__(self, dim: int, moe: MoEConfig, train: TrainConfig, num_layers: int, seed: int,
                  actors: list, owner: dict[tuple[int, int], int], checkpoint: str | None = None,
                  shared_memory: bool = True, threads: int | None = None,
-                 calls: str = "socket"):
+                 calls: str = "socket", index: int = 0, num_routers: int = 1,
+                 lead=None, routers_here: int = 1):
         # The router gates, dispatches and combines every token while the workers wait and the
-        # experts idle: it may use the node's cores (router_threads), not Ray's 1-CPU default.
-        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        # experts idle: it may use the node's cores (router_threads), not Ray's 1-CPU default;
+        # routers on one node (routers_here) gate at once, for different groups, and share them.
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // routers_here))
         # On a GPU when it was given a share of one (experts.router_gpus): the gate and the
         # dispatch then run there, and tokens from and to workers and expert actors on the
         # same GPU never leave it.
@@ -63,6 +65,13 @@ class RouterActor:
         self.links = Links(shared_memory, self.device)
         self.actors = actors
         self.socket_calls = calls == "socket"
+        # Router ``index`` of ``num_routers`` routes group ``index`` of every training batch;
+        # router 0 (``lead`` for the others) is where the groups meet, and it speaks for
+        # all routers and every expert actor in the step, gradients and checkpoints.
+        self.index, self.num_routers = index, num_routers
+        self.lead = lead
+        self.others: list = []  # router 0: the other routers (set_routers)
+        self._lead_peer: Peer | None = None
         self._peers: list[tuple[Address, Peer]] | None = None
         fan_out_lock = threading.Lock()
         self.layers = [MoELayer(dim, moe, L, seed=seed,
@@ -82,8 +91,12 @@ class RouterActor:
             self.owner.load(read_shards(Path(checkpoint), [ROUTER_FILE], verified=True),
                             where=checkpoint)
         # Workers on this node send forward and backward through a socket (calls.py).
-        self.server = (CallServer(self, self.links.id, {"forward", "backward"})
+        self.server = (CallServer(self, self.links.id, {"forward", "backward", "share"})
                        if self.socket_calls else None)
+
+    def set_routers(self, others: list) -> None:
+        """Router 0 learns the other routers (it steps them, and zeroes their gradients)."""
+        self.others = others
 
     def address(self) -> tuple[Address, bool, str, bool]:
         """(link address, shared memory on, device, forward and backward served on a socket):
@@ -98,6 +111,7 @@ class RouterActor:
         return {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
                 "gpu_ids": ray.get_gpu_ids(), "device": str(self.device),
                 "placement_group_id": ctx.get_placement_group_id(),
+                "group": self.index, "threads": torch.get_num_threads(),
                 "expert_calls": ["socket" if peer.via_socket else "ray"
                                  for _, peer in self.peers()]}
 
@@ -195,7 +209,8 @@ class RouterActor:
     def _forward(self, key, layer, parts, training, ctx):
         moe = self.layers[layer]
         moe.train(training)
-        moe.experts.call_key = key
+        # The experts keep activations by this name: unique per router (they serve them all).
+        moe.experts.call_key = f"{key}@{self.index}"
         x_TD, modality_T, order = _in_process_order([p[0] for p in parts],
                                                     [p[1] for p in parts])
         if training:
@@ -204,7 +219,12 @@ class RouterActor:
             x_TD = (x_TD if order is not None or len(parts) > 1 else x_TD.clone())
             x_TD.requires_grad_(True)
         with torch.set_grad_enabled(training):
-            out = moe(x_TD, modality_T, ctx)
+            if training and self.num_routers > 1:
+                out = moe.forward_group(x_TD, modality_T, ctx, self.index,
+                                        share=lambda part: self._share(("route", key, layer),
+                                                                       _to_cpu(part))[0])
+            else:
+                out = moe(x_TD, modality_T, ctx)
         sizes = [p[0].shape[0] for p in parts]
         if training:
             self.saved[(key, layer)] = (x_TD, out.y_TD, out.aux_loss, order, sizes)
@@ -231,13 +251,55 @@ class RouterActor:
         dy_TD = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         if order is not None:
             dy_TD = dy_TD[order]
-        d_aux = sum(p[1] for p in parts)  # each worker holds aux / W of the global loss
+        # Each worker holds aux / W of the global loss, and this router's W / R workers
+        # send theirs; the loss is the whole batch's, with a gradient through this group only.
+        d_aux = sum(p[1] for p in parts) * self.num_routers
         torch.autograd.backward([y_TD, aux_loss], [dy_TD, aux_loss.new_tensor(d_aux)])
         moe = self.layers[layer]
-        norms = torch.cat([grad_norms_of(moe.gate.parameters()), moe.experts.norms])
+        if self.num_routers == 1:
+            norms = torch.cat([grad_norms_of(moe.gate.parameters()), moe.experts.norms])
+        elif any(k == key for k, _ in self.saved):
+            norms = torch.zeros(0)  # partial until every router is done: sent with the last
+        else:
+            norms = self._sum_gate_grads(key)
         dx_TD = _worker_order(x_TD.grad, order)
         return [self.links.outbox(p[2]).pack([dx, norms])
                 for p, dx in zip(parts, torch.split(dx_TD, sizes))]
+
+    # ----------------------------------------------------------------- several routers
+
+    def share(self, tag: tuple, group: int, part):
+        """(Router 0) every group's ``part`` for ``tag``, in group order, once all are in.
+        For gradients (tag ``("grads", key)``) also the expert actors' gradient norms, asked
+        once every router is done with the step's backward."""
+        def everyone(parts):
+            norms = None
+            if tag[0] == "grads":
+                self._count("router->expert/grad_norms", len(self.actors))
+                norms = torch.cat(ray.get([a.grad_norms.remote(-1) for a in self.actors]))
+            return [(parts, norms)] * self.num_routers
+        return self._rendezvous(tag, group, self.num_routers, part, everyone)
+
+    def _share(self, tag: tuple, part):
+        if self.index == 0:
+            return self.share(tag, 0, part)
+        if self._lead_peer is None:
+            address, _, _, serves = ray.get(self.lead.address.remote())
+            direct = self.socket_calls and serves and address[1] == self.links.node
+            self._lead_peer = Peer(self.lead, "router 0", address[0] if direct else None)
+        self._count("router->router/share")
+        return self._lead_peer.call("share", tag, self.index, part)
+
+    def _sum_gate_grads(self, key: str) -> torch.Tensor:
+        """After this router's last backward of ``key``: every router's gate gradients summed
+        (the same sum, in the same order, everywhere), and the norms of every gate and expert
+        gradient, which are final now that every router is done."""
+        gates = [p for layer in self.layers for p in layer.gate.parameters()]
+        mine = [torch.zeros(p.shape) if p.grad is None else p.grad.detach().cpu() for p in gates]
+        every, expert_norms = self._share(("grads", key), mine)
+        for p, *grads in zip(gates, *every):
+            p.grad = torch.stack(grads).sum(0).to(p.device)
+        return torch.cat([grad_norms_of(gates), expert_norms])
 
     # ----------------------------------------------------------------- the owner calls
     # The router is the parameter owner of the gates and speaks for the expert actors' owners.
@@ -257,9 +319,12 @@ class RouterActor:
         """Optimizer step ``step`` for the gates and every expert actor; calls that name it in
         ``after`` wait until it is applied."""
         self._count("worker->router/step")
-        self._count("router->expert/step", len(self.actors))
         try:
-            refs = [a.step.remote(lr, clip_coef) for a in self.actors]
+            refs = []
+            if self.index == 0:  # router 0 steps the expert actors and the other routers
+                self._count("router->expert/step", len(self.actors))
+                refs = [a.step.remote(lr, clip_coef) for a in self.actors]
+                refs += [r.step.remote(step, lr, clip_coef) for r in self.others]
             self.owner.step(lr, clip_coef)
             self.saved.clear()
             ray.get(refs)
@@ -277,7 +342,7 @@ class RouterActor:
         will not be taken, e.g. after a failed worker)."""
         self.owner.zero_grad()
         self.saved.clear()
-        ray.get([a.zero_grad.remote() for a in self.actors])
+        ray.get([h.zero_grad.remote() for h in [*self.actors, *self.others]])
 
     def grads(self) -> dict[str, torch.Tensor]:
         """Every gate and expert gradient by slot name, for parity tests."""
@@ -292,6 +357,14 @@ class RouterActor:
         for part in ray.get([a.export.remote() for a in self.actors]):
             out.update(part)
         return out
+
+
+def _to_cpu(part: GroupRouting) -> GroupRouting:
+    """A group's routing as it travels to the other routers (small; on the CPU)."""
+    r = part.routing
+    return GroupRouting(replace(r, **{f.name: getattr(r, f.name).cpu() for f in fields(r)
+                                      if isinstance(getattr(r, f.name), torch.Tensor)}),
+                        part.modality_T.cpu(), part.stats)
 
 
 def _in_process_order(xs: list[torch.Tensor], modalities: list[torch.Tensor]):

@@ -35,7 +35,7 @@ log = logging.getLogger("expertpar")
 class WorkerPayload:
     """What the driver hands every Ray Train worker (``train_loop_config["payload"]``)."""
     spec: RunSpec
-    router: object  # the router actor's handle
+    routers: list  # the router actors' handles (experts.num_routers)
     console: object  # a ray.util.queue.Queue the driver prints from (see app/ray_job.py)
     log_level: int = logging.INFO
 
@@ -99,7 +99,7 @@ class RayRuntime:
                                              ctx.get_local_world_size()))
         self.comm = TorchDistributed() if world > 1 else SingleProcess()
         tokenizer = Tokenizer.from_str(spec.tokenizer_json)
-        backend = RayBackend(payload.router, rank=rank, world_size=world, device=self.device)
+        backend = RayBackend(payload.routers, rank=rank, world_size=world, device=self.device)
         self.model = model_for_tokenizer(cfg, tokenizer, backend).to(self.device)
         dense = dense_owner(self.model, cfg)
         if spec.resume_from:

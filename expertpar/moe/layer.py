@@ -101,7 +101,7 @@ class MoELayer(nn.Module):
         group's routing only."""
         y_TD, routing = self._route_and_run(x_TD, modality_T, ctx, group)
         part = GroupRouting.of(routing, modality_T)
-        parts = share(part.detached())
+        parts = list(share(part.detached()))  # a copy: the list may be another router's too
         parts[group] = part
         return _joined(y_TD, parts, group, self.cfg)
 

@@ -1,7 +1,9 @@
 """The Ray backend against the in-process reference: forward, gradients, training, resume."""
 from __future__ import annotations
 
+import json
 import os
+import threading
 
 import pytest
 import ray
@@ -21,7 +23,7 @@ from expertpar.train.checkpoint import latest_checkpoint, read_shards
 from expertpar.train.loop import dense_owner
 from expertpar.train.loss import clip_loss
 from expertpar.train.metrics import read_metrics
-from expertpar.train.names import model_entries
+from expertpar.train.names import expert_entries, gate_entries, model_entries
 from expertpar.train.setup import build_model
 from expertpar.train.step import SingleProcess, train_step
 
@@ -170,22 +172,90 @@ def test_bfloat16_experts_on_actors_match_bfloat16_experts_in_process(ray_local,
         moe.shutdown()
 
 
+def test_two_routers_route_their_workers_groups_like_the_grouped_layer(ray_local, synth_dir,
+                                                                       tmp_path):
+    cfg = tiny_config(synth_dir, tmp_path, **{
+        "distributed.backend": "ray", "distributed.num_workers": 2, "experts.num_actors": 2,
+        "experts.cpus_per_actor": 0.5, "experts.num_routers": 2, "model.moe.routing_groups": 2,
+        "model.moe.top_k": 2, "model.moe.capacity_factor": 1.0, "model.moe.noise_std": 0.3,
+        "model.moe.global_entropy_weight": 0.01})
+    gen = torch.Generator().manual_seed(3)
+    D = cfg.model.dim
+    # Each worker: 12 image tokens, then 6 text tokens.
+    xs = [torch.randn(18, D, generator=gen) for _ in range(2)]
+    gs = [torch.randn(18, D, generator=gen) for _ in range(2)]
+    modality = (torch.arange(18) >= 12).long()
+    moe = start_moe_actors(cfg)
+    try:
+        assert [info["group"] for info in moe.router_infos] == [0, 1]
+        backends = [RayBackend(moe.routers, rank=w, world_size=2) for w in range(2)]
+        assert [b.router for b in backends] == moe.routers and [b.rank for b in backends] == [0, 0]
+        owners = [RemoteOwner(b, lead=w == 0) for w, b in enumerate(backends)]
+        layers = [b.build_layer(0, D, cfg.model.moe, 0) for b in backends]
+        xr = [x.clone().requires_grad_(True) for x in xs]
+        outs, norms = [None, None], [None, None]
+
+        def worker(w):  # a train worker: forward, backward, its norms for the global clip
+            outs[w] = layers[w](xr[w], modality, RouteContext(0, 4))
+            ((outs[w].y_TD * gs[w]).sum() + outs[w].aux_loss / 2).backward()
+            norms[w] = owners[w].grad_norms(4)
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert all(o is not None for o in outs) and all(n is not None for n in norms)
+        remote_grads = ray.get(moe.router.grads.remote())
+        counts = [ray.get(r.call_counts.remote()) for r in moe.routers]
+        assert [c["worker->router/forward"] for c in counts] == [1, 1]  # one group each
+        assert counts[1]["router->router/share"] == 2  # its routing, then its gate gradients
+    finally:
+        moe.shutdown()
+    # The in-process layer routing the same two groups (worker 0's tokens, worker 1's).
+    ref = MoELayer(D, cfg.model.moe, 0, seed=0)
+    order = torch.cat([torch.arange(12), 18 + torch.arange(12), 12 + torch.arange(6),
+                       30 + torch.arange(6)])  # images of both, then texts, as in one batch
+    x = torch.cat(xs)[order].clone().requires_grad_(True)
+    group_T = (order >= 18).long()
+    out = ref(x, torch.cat([modality, modality])[order], RouteContext(0, 4), group_T)
+    ((out.y_TD * torch.cat(gs)[order]).sum() + out.aux_loss).backward()
+    back = torch.argsort(order)
+    assert rel_err(torch.cat([o.y_TD for o in outs]), out.y_TD[back]) <= 1e-5
+    assert [float(o.aux_loss) for o in outs] == pytest.approx([float(out.aux_loss)] * 2, rel=1e-5)
+    assert torch.equal(outs[0].stats.kept_ME, out.stats.kept_ME)
+    assert rel_err(torch.cat([x_.grad for x_ in xr]), x.grad[back]) <= 1e-5
+    entries = [*gate_entries(0, ref), *[e for i, ffn in enumerate(ref.experts.experts)
+                                        for e in expert_entries(0, i, ffn)]]
+    for slot, p in entries:  # the gate: summed over the routers; experts: over both calls
+        assert rel_err(remote_grads[str(slot)], p.grad) <= 1e-5, slot
+    # Both workers got the same, complete gradient norms for the global clip.
+    assert torch.equal(norms[0], norms[1])
+    want = torch.cat([ref.gate.w_ED.grad.norm().reshape(1),
+                      *[p.grad.norm().reshape(1) for p in ref.experts.parameters()]])
+    assert float(norms[0].norm()) == pytest.approx(float(want.norm()), rel=1e-5)
+
+
 def _tensors(run_dir):
     return read_shards(latest_checkpoint(run_dir / "checkpoints"))
 
 
-@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("routing,routers", [("token_choice", 1), ("expert_choice", 1),
+                                             ("token_choice", 2)])
 def test_two_workers_train_like_one_process_and_leave_no_shared_buffers(ray_local, synth_dir,
-                                                                         tmp_path, routing):
+                                                                         tmp_path, routing,
+                                                                         routers):
+    # With 2 routers, one per worker, the reference routes the batch in the same 2 groups.
     common = {"train.steps": 5, "train.checkpoint_every": 5, "model.moe.capacity_factor": 1.0,
-              **routed(routing)}
+              "model.moe.routing_groups": routers, **routed(routing)}
     ref = train(tiny_config(synth_dir, tmp_path / "local", **common))
     cfg = tiny_config(synth_dir, tmp_path / "ray", **common, **{
         "distributed.backend": "ray", "distributed.num_workers": 2, "experts.num_actors": 2,
-        "experts.cpus_per_actor": 0.5})
+        "experts.cpus_per_actor": 0.5, "experts.num_routers": routers})
     got = train(cfg)
     start = [m for m in read_metrics(got.run_dir / "metrics.jsonl") if m.get("event") == "start"]
     assert [m["train/workers"] for m in start] == [2]  # two Ray Train workers ran the loop
+    topology = json.loads((got.run_dir / "ray_topology.json").read_text())
+    assert [r["group"] for r in topology["routers"]] == list(range(routers))
     assert got.losses == pytest.approx(ref.losses, rel=1e-5)
     a, b = _tensors(ref.run_dir), _tensors(got.run_dir)
     assert sorted(a) == sorted(b)
