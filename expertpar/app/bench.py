@@ -145,25 +145,26 @@ class _Layers:
 
     def __init__(self, plan: BenchPlan):
         self.plan = plan
-        self.done: dict = {}  # (path, spec, shared memory) -> result
+        self.done: dict = {}  # (path, spec, experts settings) -> result
 
-    def _measure(self, path: str, spec: LayerSpec, shared_memory: bool = True) -> dict:
+    def _measure(self, path: str, spec: LayerSpec, experts: dict) -> dict:
         p = self.plan
         # The in-process path has no actors: one timing serves every actor count.
-        key = (path, spec if path == "ray" else dataclasses.replace(spec, actors=0),
-               shared_memory)
+        key = (path, spec, tuple(sorted(experts.items()))) if path == "ray" else (
+            path, dataclasses.replace(spec, actors=0))
         if key not in self.done:
             self.done[key] = (bench_moe.in_process(spec, p.layer_steps, p.layer_warmup)
                               if path == "in_process" else
-                              bench_moe.on_ray(spec, p.layer_steps, p.layer_warmup,
-                                               shared_memory=shared_memory))
+                              bench_moe.on_ray(spec, p.layer_steps, p.layer_warmup, **experts))
         return self.done[key]
 
-    def pair(self, spec: LayerSpec, *, shared_memory: bool = True) -> dict:
-        local = self._measure("in_process", spec)
-        ray_ = self._measure("ray", spec, shared_memory)
+    def pair(self, spec: LayerSpec, **experts) -> dict:
+        """In process and on Ray, side by side; ``experts``: experts settings for the Ray
+        path (e.g. shared_memory=False, calls="ray")."""
+        local = self._measure("in_process", spec, {})
+        ray_ = self._measure("ray", spec, experts)
         a, b = local["timing"], ray_["timing"]
-        return {"layer": dataclasses.asdict(spec), "shared_memory": shared_memory,
+        return {"layer": dataclasses.asdict(spec), "experts": experts,
                 "in_process_step_s": a.median_s, "ray_step_s": b.median_s,
                 "ratio": b.median_s / a.median_s,
                 "in_process_spread_s": [a.min_s, a.max_s], "ray_spread_s": [b.min_s, b.max_s],
@@ -214,9 +215,14 @@ def run_bench(cfg: Config, out_dir: Path, plan: BenchPlan = BenchPlan()) -> dict
                  reference["in_process_step_s"], reference["ray_step_s"], reference["ratio"])
         four = layers.pair(dataclasses.replace(plan.reference, actors=4))
         store = layers.pair(plan.reference, shared_memory=False)
+        ray_calls = layers.pair(plan.reference, calls="ray")
         model = model_step(cfg, out_dir, plan.model_steps, plan.model_warmup)
         log.info("%s model: in process %.1f ms, Ray %.1f ms (%.2fx)", cfg.run.name,
                  model["in_process_step_s"] * 1e3, model["ray_step_s"] * 1e3, model["ratio"])
+        model_ray_calls = model_step(_with_experts(cfg, calls="ray"), out_dir,
+                                     plan.model_steps, plan.model_warmup)
+        log.info("%s model, Ray calls instead of sockets: %.2fx", cfg.run.name,
+                 model_ray_calls["ratio"])
         growth = _growth(plan, layers)
     finally:
         if started:
@@ -232,7 +238,9 @@ def run_bench(cfg: Config, out_dir: Path, plan: BenchPlan = BenchPlan()) -> dict
         "reference": reference,
         "reference_4_actors": four,
         "reference_object_store": store,
+        "reference_ray_calls": ray_calls,
         "quickstart": model,  # the job's model (make bench: jobs/quickstart.yaml)
+        "quickstart_ray_calls": model_ray_calls,
         "serial_calls_per_step": model["serial_calls_per_step"],
         "serial_calls_target": model["serial_calls_target"],
         "transport_fraction_of_memcpy": memcpy_s / moved["seconds"] if moved["seconds"] else
@@ -253,6 +261,10 @@ def run_bench(cfg: Config, out_dir: Path, plan: BenchPlan = BenchPlan()) -> dict
     return result
 
 
+def _with_experts(cfg: Config, **experts) -> Config:
+    return dataclasses.replace(cfg, experts=dataclasses.replace(cfg.experts, **experts))
+
+
 def _panel(rows: list[dict], key: str, label: str) -> dict:
     return {"title": f"step time (s) vs {label}", "xlabel": label, "ylabel": "s / step",
             "x": [r[key] for r in rows],
@@ -264,6 +276,7 @@ def table(r: dict) -> str:
     """The results as the markdown table README quotes."""
     m, ref, four, store = r["quickstart"], r["reference"], r["reference_4_actors"], \
         r["reference_object_store"]
+    calls, mc = r["reference_ray_calls"], r["quickstart_ray_calls"]
     t = r["targets"]
     mach = r["machine"]
 
@@ -281,11 +294,17 @@ def table(r: dict) -> str:
          f"<= {t['reference_ratio']:.2f}", ok(four["ratio"] <= t["reference_ratio"])),
         ("Reference layer, 2 actors, object store instead of shared memory",
          f"{store['ray_step_s']:.3f} s = {store['ratio']:.2f}x", "(comparison)", ""),
+        ("Reference layer, 2 actors, Ray calls instead of sockets (64-token forward)",
+         f"{calls['ray_step_s']:.3f} s = {calls['ratio']:.2f}x "
+         f"({calls['small_batch_forward_ms']['ray']:.1f} ms)", "(comparison)", ""),
         (f"Quickstart model, whole step ({m['model']['moe_layers']} MoE layers)",
          f"{m['ray_step_s'] * 1e3:.1f} ms / {m['in_process_step_s'] * 1e3:.1f} ms = "
          f"**{m['ratio']:.2f}x**", f"<= {t['quickstart_ratio']:.2f}",
          ok(m["ratio"] <= t["quickstart_ratio"])),
-        ("Worker's Ray calls per step, in a row (all calls)",
+        ("Quickstart model, Ray calls instead of sockets",
+         f"{mc['ray_step_s'] * 1e3:.1f} ms / {mc['in_process_step_s'] * 1e3:.1f} ms = "
+         f"{mc['ratio']:.2f}x", "(comparison)", ""),
+        ("Worker's calls per step, in a row (all calls)",
          f"**{r['serial_calls_per_step']:.0f}** ({m['calls_per_step_total']:.0f})",
          f"<= 2L+1 = {r['serial_calls_target']}",
          ok(r["serial_calls_per_step"] <= r["serial_calls_target"])),

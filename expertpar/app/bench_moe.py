@@ -110,10 +110,11 @@ def in_process(spec: LayerSpec, steps: int, warmup: int, device: str = "cpu") ->
             "small_batch_forward_ms": small_batch_forward_ms(layer, spec, device=device)}
 
 
-def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = True,
-           device: str = "cpu", gpus_per_actor: float = 0.0, router_gpus: float = 0.0) -> dict:
+def on_ray(spec: LayerSpec, steps: int, warmup: int, *, device: str = "cpu",
+           **experts) -> dict:
     """The Ray path's step time, with its calls and the bytes and seconds of its transport.
-    ``device``: where this process (the train worker) holds the activations."""
+    ``device``: where this process (the train worker) holds the activations; ``experts``:
+    settings of the experts config (shared_memory, calls, gpus_per_actor, router_gpus)."""
     import ray
 
     from ..distributed.actors import start_moe_actors
@@ -121,9 +122,7 @@ def on_ray(spec: LayerSpec, steps: int, warmup: int, *, shared_memory: bool = Tr
     from ..distributed.runtime import RemoteOwner
 
     cfg = spec.config()
-    cfg = dataclasses.replace(cfg, experts=dataclasses.replace(
-        cfg.experts, shared_memory=shared_memory, gpus_per_actor=gpus_per_actor,
-        router_gpus=router_gpus))
+    cfg = dataclasses.replace(cfg, experts=dataclasses.replace(cfg.experts, **experts))
     moe = start_moe_actors(cfg)
     try:
         backend = RayBackend(moe.router, device=device)

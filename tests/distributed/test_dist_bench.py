@@ -25,11 +25,13 @@ def test_bench_measures_every_target_and_writes_its_files(ray_local, synth_dir, 
     r = run_bench(cfg, tmp_path / "bench", plan)
     out = tmp_path / "bench"
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(r))
-    for key in ("reference", "reference_4_actors", "reference_object_store", "quickstart"):
+    for key in ("reference", "reference_4_actors", "reference_object_store",
+                "reference_ray_calls", "quickstart", "quickstart_ray_calls"):
         assert r[key]["in_process_step_s"] > 0 and r[key]["ray_step_s"] > 0, key
         assert r[key]["ratio"] == pytest.approx(r[key]["ray_step_s"] / r[key]["in_process_step_s"])
     assert r["reference_4_actors"]["layer"]["actors"] == 4
-    assert r["reference_object_store"]["shared_memory"] is False
+    assert r["reference_object_store"]["experts"] == {"shared_memory": False}
+    assert r["reference_ray_calls"]["experts"] == {"calls": "ray"}
     # One MoE layer: the worker calls forward, backward and step once each per step, and the
     # router calls each of the 2 actors once per direction.
     m = r["quickstart"]
