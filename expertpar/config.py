@@ -272,6 +272,10 @@ class ExpertsConfig:
     # router actors; each routes the tokens of num_workers / num_routers train workers as one
     # group (model.moe.routing_groups must match), so no single router serves every worker
     num_routers: int = 1
+    # the token payload's way: through the router (it dispatches to the expert actors and
+    # combines), or direct (the router routes and sends each worker its plan and combine
+    # weights; the worker calls the expert actors itself and combines)
+    transport: Literal["router", "direct"] = "router"
     # how same-node forward and backward calls travel: a Unix socket per actor (~50 us a
     # call), or Ray actor calls (~1 ms); other calls, and peers on other nodes, use Ray
     calls: Literal["socket", "ray"] = "socket"

@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,8 +110,9 @@ def model_step(cfg: Config, out_dir: Path, steps: int, warmup: int) -> dict:
         owners = [dense_owner(remote, cfg), RemoteOwner(backend, lead=True)]
         _median_step(remote, owners, batches[:warmup], cfg, 0)
         ray.get(moe.router.call_counts.remote(reset=True))
+        backend.calls_made.clear()
         ray_s = _median_step(remote, owners, batches[warmup:], cfg, 0)
-        calls = ray.get(moe.router.call_counts.remote())
+        calls = Counter(ray.get(moe.router.call_counts.remote())) + backend.calls_made
     finally:
         moe.shutdown()
     timed = steps - warmup
@@ -129,9 +131,11 @@ def model_step(cfg: Config, out_dir: Path, steps: int, warmup: int) -> dict:
         "steps_timed": timed, "in_process_step_s": local_s, "ray_step_s": ray_s,
         "ratio": ray_s / local_s, "calls_per_step": per_step,
         # The worker's own calls, one after another: forward and backward per MoE layer,
-        # and the optimizer step (not waited for). The router's fan-outs run inside them.
+        # and the optimizer step (not waited for). The router's fan-outs run inside them;
+        # with experts.transport direct the worker's own fan-outs count one each.
         "serial_calls_per_step": sum(v for k, v in per_step.items()
-                                     if k.startswith("worker->router/")),
+                                     if k.startswith(("worker->router/", "worker->experts/"))),
+        "transport": cfg.experts.transport,
         "serial_calls_target": 2 * L + 1,
         "calls_per_step_total": sum(per_step.values()),
         "data_pipeline": {"delivered_samples_per_s": delivered,
@@ -216,6 +220,7 @@ def run_bench(cfg: Config, out_dir: Path, plan: BenchPlan = BenchPlan()) -> dict
         four = layers.pair(dataclasses.replace(plan.reference, actors=4))
         store = layers.pair(plan.reference, shared_memory=False)
         ray_calls = layers.pair(plan.reference, calls="ray")
+        direct = layers.pair(plan.reference, transport="direct")
         model = model_step(cfg, out_dir, plan.model_steps, plan.model_warmup)
         log.info("%s model: in process %.1f ms, Ray %.1f ms (%.2fx)", cfg.run.name,
                  model["in_process_step_s"] * 1e3, model["ray_step_s"] * 1e3, model["ratio"])
@@ -223,6 +228,9 @@ def run_bench(cfg: Config, out_dir: Path, plan: BenchPlan = BenchPlan()) -> dict
                                      plan.model_steps, plan.model_warmup)
         log.info("%s model, Ray calls instead of sockets: %.2fx", cfg.run.name,
                  model_ray_calls["ratio"])
+        model_direct = model_step(_with_experts(cfg, transport="direct"), out_dir,
+                                  plan.model_steps, plan.model_warmup)
+        log.info("%s model, direct transport: %.2fx", cfg.run.name, model_direct["ratio"])
         growth = _growth(plan, layers)
     finally:
         if started:
@@ -239,8 +247,10 @@ def run_bench(cfg: Config, out_dir: Path, plan: BenchPlan = BenchPlan()) -> dict
         "reference_4_actors": four,
         "reference_object_store": store,
         "reference_ray_calls": ray_calls,
+        "reference_direct": direct,
         "quickstart": model,  # the job's model (make bench: jobs/quickstart.yaml)
         "quickstart_ray_calls": model_ray_calls,
+        "quickstart_direct": model_direct,
         "serial_calls_per_step": model["serial_calls_per_step"],
         "serial_calls_target": model["serial_calls_target"],
         "transport_fraction_of_memcpy": memcpy_s / moved["seconds"] if moved["seconds"] else
@@ -277,6 +287,7 @@ def table(r: dict) -> str:
     m, ref, four, store = r["quickstart"], r["reference"], r["reference_4_actors"], \
         r["reference_object_store"]
     calls, mc = r["reference_ray_calls"], r["quickstart_ray_calls"]
+    direct, md = r["reference_direct"], r["quickstart_direct"]
     t = r["targets"]
     mach = r["machine"]
 
@@ -294,6 +305,9 @@ def table(r: dict) -> str:
          f"<= {t['reference_ratio']:.2f}", ok(four["ratio"] <= t["reference_ratio"])),
         ("Reference layer, 2 actors, object store instead of shared memory",
          f"{store['ray_step_s']:.3f} s = {store['ratio']:.2f}x", "(comparison)", ""),
+        ("Reference layer, 2 actors, direct transport (64-token forward)",
+         f"{direct['ray_step_s']:.3f} s = {direct['ratio']:.2f}x "
+         f"({direct['small_batch_forward_ms']['ray']:.1f} ms)", "(comparison)", ""),
         ("Reference layer, 2 actors, Ray calls instead of sockets (64-token forward)",
          f"{calls['ray_step_s']:.3f} s = {calls['ratio']:.2f}x "
          f"({calls['small_batch_forward_ms']['ray']:.1f} ms)", "(comparison)", ""),
@@ -304,6 +318,9 @@ def table(r: dict) -> str:
         ("Quickstart model, Ray calls instead of sockets",
          f"{mc['ray_step_s'] * 1e3:.1f} ms / {mc['in_process_step_s'] * 1e3:.1f} ms = "
          f"{mc['ratio']:.2f}x", "(comparison)", ""),
+        ("Quickstart model, direct transport (worker calls the actors; serial calls)",
+         f"{md['ray_step_s'] * 1e3:.1f} ms / {md['in_process_step_s'] * 1e3:.1f} ms = "
+         f"{md['ratio']:.2f}x ({md['serial_calls_per_step']:.0f})", "(comparison)", ""),
         ("Worker's calls per step, in a row (all calls)",
          f"**{r['serial_calls_per_step']:.0f}** ({m['calls_per_step_total']:.0f})",
          f"<= 2L+1 = {r['serial_calls_target']}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -133,8 +134,9 @@ def on_ray(spec: LayerSpec, steps: int, warmup: int, *, device: str = "cpu",
         ray.get(moe.router.call_counts.remote(reset=True))
         ray.get(moe.router.transport.remote())
         backend.links.meter.take()
+        backend.calls_made.clear()
         timing = Timing.of(_timed(layer, owners, inputs, range(warmup, warmup + steps)))
-        calls = ray.get(moe.router.call_counts.remote())
+        calls = Counter(ray.get(moe.router.call_counts.remote())) + backend.calls_made
         moved = [backend.links.meter.take(), ray.get(moe.router.transport.remote())]
         small = small_batch_forward_ms(layer, spec, device=device)
     finally:

@@ -6,7 +6,6 @@ the job's namespace and run, so two jobs never collide.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -102,22 +101,16 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
     # (or router) on a GPU node must not initialise CUDA there (it would take memory on GPU 0).
     gpus_in_cluster = bool(ray.cluster_resources().get("GPU", 0))
 
-    def actor_env(gpus: float) -> dict:
-        # The router and the expert actors compute in bursts while the others wait on them:
-        # OpenMP threads that spin after a burst (its default) would take the cores the next
-        # stage needs. Passive waiting took 15-20 ms off the quickstart's 70-100 ms of MoE
-        # calls per step on 2 cores (measured side by side). The user's setting wins.
-        env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        if not gpus and gpus_in_cluster:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        return {"runtime_env": {"env_vars": env}}
+    def hidden_gpus(gpus: float) -> dict:
+        return ({"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+                if not gpus and gpus_in_cluster else {})
     actors = []
     for a, host in enumerate(hosts):
         actors.append(actor_cls.options(
             name=f"expertpar-{cfg.run.name}-{tag}-expert{a}",
             num_cpus=ex.cpus_per_actor, num_gpus=ex.gpus_per_actor or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a),
-            **actor_env(ex.gpus_per_actor),
+            **hidden_gpus(ex.gpus_per_actor),
         ).remote(host, cfg.model.dim, cfg.model.moe, cfg.train, cfg.run.seed, checkpoint,
                  ex.shared_memory, ex.calls == "socket"))
     # Router r goes where the experts are (expert bundle r mod A's node): with 0 CPUs it
@@ -134,11 +127,11 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
             name=f"expertpar-{cfg.run.name}-{tag}-router{'' if r == 0 else r}",
             num_cpus=ex.router_cpus, num_gpus=ex.router_gpus or None,
             max_concurrency=4 * cfg.distributed.num_workers + 2 * R + 8,
-            scheduling_strategy=near_experts, **actor_env(ex.router_gpus),
+            scheduling_strategy=near_experts, **hidden_gpus(ex.router_gpus),
         ).remote(cfg.model.dim, cfg.model.moe, cfg.train, L, cfg.run.seed, actors,
                  owner_table(hosts), checkpoint, ex.shared_memory, ex.router_threads, ex.calls,
                  index=r, num_routers=R, lead=routers[0] if r else None,
-                 routers_here=routers_on[bundle_nodes[r % A]]))
+                 routers_here=routers_on[bundle_nodes[r % A]], transport=ex.transport))
     router = routers[0]
     moe = MoEActors(routers, actors, hosts, pg, [])
     try:
@@ -153,8 +146,8 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
         # Every router is up and reaches every actor.
         ray.get([r.grad_norms.remote(-1) for r in routers])
         moe.router_infos = ray.get([r.info.remote() for r in routers])
-        address, _, moe.router_device, _ = ray.get(router.address.remote())
-        moe.router_node = address[1]
+        info = ray.get(router.address.remote())
+        moe.router_device, moe.router_node = info["device"], info["address"][1]
     except Exception:
         moe.shutdown()
         raise

@@ -10,16 +10,20 @@ hands to the step's global clipping without asking the router again.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
+from collections import Counter
 
 import ray
 import torch
 import torch.nn as nn
 
 from ..config import MoEConfig
+from ..moe.dispatch import DispatchPlan, combine, dispatch
 from ..moe.layer import MoEOutput, RouteContext
 from ..moe.stats import RoutingStats
 from .calls import Peer
+from .remote_experts import RemoteExperts
 from .wire import Links, gpu_bytes
 
 
@@ -35,16 +39,35 @@ class RayBackend:
         routers = routers if isinstance(routers, (list, tuple)) else [routers]
         per_router = world_size // len(routers)
         self.router = routers[rank // per_router]
+        self.global_rank = rank
         self.rank = rank % per_router  # within the router's group
         self.world_size = per_router
-        self.router_address, shared, _, serves = ray.get(self.router.address.remote())
-        self.links = Links(shared, device)
-        # forward and backward go through the router's socket when it is on this node
-        same_node = self.router_address[1] == self.links.node
-        self.calls = Peer(self.router, "the router",
-                          self.router_address[0] if serves and same_node else None)
+        info = ray.get(self.router.address.remote())
+        self.router_address = info["address"]
+        self.links = Links(info["shared_memory"], device)
+        self.calls_made: Counter = Counter()  # this worker's calls to expert actors (bench)
+        # Forward and backward go through a socket to a router (or expert actor) on this node.
+        self.calls = Peer(self.router, "the router", self._socket(info, self.router_address))
+        self.transport = info["transport"]
+        self.experts: dict[int, RemoteExperts] = {}
+        if self.transport == "direct":
+            peers = [(address, Peer(handle, f"expert actor {a}", self._socket(info, address)))
+                     for a, (handle, address) in enumerate(zip(info["actors"],
+                                                               info["actor_addresses"]))]
+            lock = threading.Lock()  # one fan-out at a time through this worker's outboxes
+            layers = sorted({layer for layer, _ in info["owner"]})
+            self.experts = {L: RemoteExperts(L, info["actors"], info["owner"], self.links,
+                                             lambda: peers, self._count, lock, "worker")
+                            for L in layers}
         self.stepped: int | None = None  # the last optimizer step sent (see RemoteOwner.step)
         self.norms: dict[str, dict[int, torch.Tensor]] = {}  # call key -> layer -> norms
+
+    def _socket(self, info: dict, address) -> str | None:
+        """The link id to call through a socket, when the peer is on this node and serves."""
+        return address[0] if info["serves_calls"] and address[1] == self.links.node else None
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.calls_made[name] += n
 
     def build_layer(self, layer_index: int, dim: int, cfg: MoEConfig, seed: int) -> nn.Module:
         return RemoteMoE(self, layer_index, cfg)
@@ -92,7 +115,8 @@ class RemoteMoE(nn.Module):
             # Evaluation runs on one worker alone: a group of one, a fresh name per call.
             key, rank, size = f"eval:{self.backend.rank}:{next(self._eval_calls)}", 0, 1
         box: dict = {}
-        y_TD, aux_loss = _BridgeFn.apply(x_TD, modality_T, self, key, rank, size, ctx, box)
+        fn = _DirectFn if self.backend.transport == "direct" else _BridgeFn
+        y_TD, aux_loss = fn.apply(x_TD, modality_T, self, key, rank, size, ctx, box)
         return MoEOutput(y_TD, aux_loss, box["aux"], box["stats"])
 
 
@@ -119,4 +143,53 @@ class _BridgeFn(torch.autograd.Function):
                                          size, d_aux=float(d_aux))
         b.norms.setdefault(key, {})[module.layer_index] = norms.to("cpu", copy=True)
         return (dx_TD.to(dy_TD.device, dy_TD.dtype, copy=True),
+                None, None, None, None, None, None, None)
+
+
+class _DirectFn(torch.autograd.Function):
+    """experts.transport direct: the router plans, this worker moves the rows.
+
+    Forward asks the router for this worker's share of the plan (its assignments' tokens,
+    their combine weights, rows per expert), then runs dispatch -> expert actors -> combine
+    here, with the same functions as the in-process layer, as a small graph of its own.
+    Backward runs that graph back (the expert actors' backward included), which gives the
+    input gradient through the experts and the combine weights' gradient; the router takes
+    the latter back through the gate and returns the input gradient through the gate.
+    """
+
+    @staticmethod
+    def forward(fctx, x_TD, modality_T, module: RemoteMoE, key, rank, size, ctx, box):
+        b = module.backend
+        (token_A, weight_A, counts_E, *stats), (aux_loss, aux, policy) = b.round_trip(
+            "plan", [x_TD, modality_T], key, module.layer_index, rank, size,
+            training=module.training, seed=ctx.seed, step=ctx.step, after=b.stepped)
+        plan = DispatchPlan(token_A.to(x_TD.device, copy=True), tuple(counts_E.tolist()),
+                            x_TD.shape[0])
+        experts = b.experts[module.layer_index]
+        # The actors keep activations by this name: unique per worker (they serve them all).
+        experts.call_key = f"{key}@w{b.global_rank}"
+        with torch.enable_grad():
+            x_leaf = x_TD.detach().requires_grad_(module.training)
+            w_leaf = weight_A.to(x_TD.device, copy=True).requires_grad_(module.training)
+            y_TD = combine(experts(dispatch(x_leaf, plan), plan.counts_E), w_leaf, plan)
+        fctx.graph = (x_leaf, w_leaf, y_TD)
+        fctx.call = (module, key, rank, size)
+        box["aux"] = {k: torch.tensor(v) for k, v in aux.items()}
+        box["stats"] = RoutingStats.from_tensors([t.to("cpu", copy=True) for t in stats],
+                                                 policy)
+        return y_TD.detach(), torch.tensor(aux_loss, device=x_TD.device)
+
+    @staticmethod
+    def backward(fctx, dy_TD, d_aux):
+        module, key, rank, size = fctx.call
+        b = module.backend
+        x_leaf, w_leaf, y_TD = fctx.graph
+        dx_TD, dw_A = torch.autograd.grad(y_TD, [x_leaf, w_leaf], dy_TD, allow_unused=True)
+        dw_A = torch.zeros_like(w_leaf) if dw_A is None else dw_A
+        (dx_gate, norms), _ = b.round_trip("gate_backward", [dw_A], key, module.layer_index,
+                                           rank, size, d_aux=float(d_aux))
+        b.norms.setdefault(key, {})[module.layer_index] = norms.to("cpu", copy=True)
+        dx_gate = dx_gate.to(dy_TD.device, dy_TD.dtype, copy=True)
+        fctx.graph = None
+        return (dx_gate if dx_TD is None else dx_TD + dx_gate,
                 None, None, None, None, None, None, None)

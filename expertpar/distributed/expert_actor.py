@@ -60,8 +60,9 @@ class ExpertActor:
                             where=checkpoint)
         # forward and backward also come through a socket (calls.py), on its own thread, beside
         # the step and checkpoint calls that come through Ray: one lock keeps them apart.
-        self.lock = threading.Lock()
-        self.server = (CallServer(self, self.links.id, {"forward", "backward"})
+        self.lock = threading.RLock()
+        self.server = (CallServer(self, self.links.id, {"forward", "backward",
+                                                        "layer_grad_norms"})
                        if serve_calls else None)
 
     def info(self) -> dict:
@@ -126,10 +127,11 @@ class ExpertActor:
         return self.links.outbox(reply_to).pack([*dxs, norms]), busy
 
     def layer_grad_norms(self, layer: int) -> torch.Tensor:
-        """Per-parameter gradient norms of this layer's experts here (final after its
-        backward), in the owner's order."""
-        return grad_norms_of(p for (L, _), ffn in self.experts.items() if L == layer
-                             for p in ffn.parameters())
+        """Per-parameter gradient norms of this layer's experts here (final after every
+        backward of the step), in the owner's order."""
+        with self.lock:
+            return grad_norms_of(p for (L, _), ffn in self.experts.items() if L == layer
+                                 for p in ffn.parameters())
 
     # The parameter-owner calls, forwarded (an actor's methods are what Ray can call).
 

@@ -21,9 +21,10 @@ from .wire import Links, gpu_bytes
 class RemoteExperts(ExpertBackend):
     def __init__(self, layer: int, actors: list, owner: dict[tuple[int, int], int],
                  links: Links, peers, count=lambda name, n: None,
-                 fan_out_lock: threading.Lock | None = None):
+                 fan_out_lock: threading.Lock | None = None, caller: str = "router"):
         super().__init__()
-        self.count = count  # the router's call counter
+        self.count = count  # the caller's call counter
+        self.caller = caller  # who fans out: the router, or a worker (experts.transport direct)
         self.layer = layer
         self.actors = actors
         self.owner = owner  # (layer, expert) -> actor index
@@ -61,7 +62,9 @@ class RemoteExperts(ExpertBackend):
                 results(pending)  # read the replies of what went out before the failure
                 raise
             finally:
-                self.count(f"router->expert/{method}", len(pending))
+                self.count(f"{self.caller}->expert/{method}", len(pending))
+                if self.caller == "worker":  # one fan-out: one round in a row, however wide
+                    self.count(f"worker->experts/{method}", 1)
             replies, failed = results(pending)  # they compute at once; every reply is read
             if failed:
                 a, err = failed

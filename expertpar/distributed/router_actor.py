@@ -29,7 +29,7 @@ from ..moe.layer import GroupRouting, MoELayer, RouteContext
 from ..train.checkpoint import read_shards
 from ..train.names import ROUTER_FILE, gate_entries
 from ..train.owners import ParameterOwner, grad_norms_of
-from .calls import CallServer, Peer
+from .calls import CallServer, Peer, results
 from .expert_actor import actor_device
 from .remote_experts import RemoteExperts
 from .wire import Address, Links
@@ -52,7 +52,7 @@ class RouterActor:
                  actors: list, owner: dict[tuple[int, int], int], checkpoint: str | None = None,
                  shared_memory: bool = True, threads: int | None = None,
                  calls: str = "socket", index: int = 0, num_routers: int = 1,
-                 lead=None, routers_here: int = 1):
+                 lead=None, routers_here: int = 1, transport: str = "router"):
         # The router gates, dispatches and combines every token while the workers wait and the
         # experts idle: it may use the node's cores (router_threads), not Ray's 1-CPU default;
         # routers on one node (routers_here) gate at once, for different groups, and share them.
@@ -65,6 +65,8 @@ class RouterActor:
         self.links = Links(shared_memory, self.device)
         self.actors = actors
         self.socket_calls = calls == "socket"
+        # "direct": workers call the expert actors themselves; the router plans and gates
+        self.transport = transport
         # Router ``index`` of ``num_routers`` routes group ``index`` of every training batch;
         # router 0 (``lead`` for the others) is where the groups meet, and it speaks for
         # all routers and every expert actor in the step, gradients and checkpoints.
@@ -74,6 +76,7 @@ class RouterActor:
         self._lead_peer: Peer | None = None
         self._peers: list[tuple[Address, Peer]] | None = None
         fan_out_lock = threading.Lock()
+        self.experts_owner = owner
         self.layers = [MoELayer(dim, moe, L, seed=seed,
                                 experts=RemoteExperts(L, actors, owner, self.links, self.peers,
                                                       self._count, fan_out_lock))
@@ -91,18 +94,26 @@ class RouterActor:
             self.owner.load(read_shards(Path(checkpoint), [ROUTER_FILE], verified=True),
                             where=checkpoint)
         # Workers on this node send forward and backward through a socket (calls.py).
-        self.server = (CallServer(self, self.links.id, {"forward", "backward", "share"})
+        self.server = (CallServer(self, self.links.id, {"forward", "backward", "share", "plan",
+                                                        "gate_backward"})
                        if self.socket_calls else None)
 
     def set_routers(self, others: list) -> None:
         """Router 0 learns the other routers (it steps them, and zeroes their gradients)."""
         self.others = others
 
-    def address(self) -> tuple[Address, bool, str, bool]:
-        """(link address, shared memory on, device, forward and backward served on a socket):
-        what a worker needs to call and send here."""
-        return (self.links.address, self.links.shared_memory, str(self.device),
-                self.server is not None)
+    def address(self) -> dict:
+        """What a worker needs to call and send here: the link address, whether shared
+        memory is on, the device, whether forward and backward are served on a socket, and
+        the transport (with "direct", the expert actors the worker calls itself)."""
+        out = {"address": self.links.address, "shared_memory": self.links.shared_memory,
+               "device": str(self.device), "serves_calls": self.server is not None,
+               "transport": self.transport}
+        if self.transport == "direct":
+            out["actors"] = self.actors
+            out["owner"] = self.experts_owner
+            out["actor_addresses"] = [a for a, _ in self.peers()]
+        return out
 
     def info(self) -> dict:
         """Where the router runs (node, resources, GPU ids, device) and how it calls each
@@ -256,15 +267,108 @@ class RouterActor:
         d_aux = sum(p[1] for p in parts) * self.num_routers
         torch.autograd.backward([y_TD, aux_loss], [dy_TD, aux_loss.new_tensor(d_aux)])
         moe = self.layers[layer]
-        if self.num_routers == 1:
-            norms = torch.cat([grad_norms_of(moe.gate.parameters()), moe.experts.norms])
-        elif any(k == key for k, _ in self.saved):
-            norms = torch.zeros(0)  # partial until every router is done: sent with the last
-        else:
-            norms = self._sum_gate_grads(key)
+        norms = self._norms_after_backward(key, layer, lambda: moe.experts.norms)
         dx_TD = _worker_order(x_TD.grad, order)
         return [self.links.outbox(p[2]).pack([dx, norms])
                 for p, dx in zip(parts, torch.split(dx_TD, sizes))]
+
+    def _norms_after_backward(self, key: str, layer: int, expert_norms) -> torch.Tensor:
+        """The gradient norms a layer's backward reply carries: the gate's and, from
+        ``expert_norms()``, its experts' (final: every worker's tokens went into this one
+        backward). With several routers they are partial until every router is done, so
+        all of them go with each router's last backward of the step."""
+        if self.num_routers == 1:
+            return torch.cat([grad_norms_of(self.layers[layer].gate.parameters()),
+                              expert_norms()])
+        if any(k == key for k, _ in self.saved):
+            return torch.zeros(0)
+        return self._sum_gate_grads(key)
+
+    # ----------------------------------------------------------------- direct transport
+    # experts.transport direct: the router routes (gate, policy, capacity, aux losses) and
+    # sends each worker its plan and combine weights; the worker sends its rows to the
+    # expert actors itself and combines their outputs; backward brings the router the
+    # combine weights' gradient, and the router sends back the gate's input gradient.
+
+    def plan(self, key: str, layer: int, rank: int, size: int, packet: tuple,
+             training: bool, seed: int, step: int, after: int | None, reply_to: Address):
+        """A worker's tokens (x_TD, modality_T) -> (a packet of its assignments' tokens
+        token_A, their combine weights weight_A, rows per expert counts_E and the routing
+        statistics' tensors; aux loss, aux terms, the routing policy, seconds busy here)."""
+        t0 = time.perf_counter()
+        self._count("worker->router/plan")
+        self._after(after)
+        x_TD, modality_T = [t.to(self.device) for t in self.links.inbox.unpack(packet)]
+        reply, aux_loss, aux, policy = self._rendezvous(
+            ("plan", key, layer), rank, size, (x_TD, modality_T, reply_to),
+            lambda parts: self._plan(key, layer, parts, training, RouteContext(seed, step)))
+        return reply, aux_loss, aux, policy, time.perf_counter() - t0
+
+    def _plan(self, key, layer, parts, training, ctx):
+        moe = self.layers[layer]
+        moe.train(training)
+        x_TD, modality_T, order = _in_process_order([p[0] for p in parts],
+                                                    [p[1] for p in parts])
+        if training:
+            x_TD = (x_TD if order is not None or len(parts) > 1 else x_TD.clone())
+            x_TD.requires_grad_(True)
+        share = None
+        if training and self.num_routers > 1:
+            def share(part):
+                return self._share(("route", key, layer), _to_cpu(part))[0]
+        with torch.set_grad_enabled(training):
+            routed = moe.route(x_TD, modality_T, ctx, self.index, share)
+        r = routed.routing
+        # Each assignment's worker, and its token's index there.
+        sizes = [p[0].shape[0] for p in parts]
+        source_A = r.token_A if order is None else order[r.token_A]
+        starts = torch.tensor([0, *sizes], device=source_A.device).cumsum(0)
+        worker_A = torch.bucketize(source_A, starts[1:], right=True)
+        picks = [torch.nonzero(worker_A == w, as_tuple=True)[0] for w in range(len(parts))]
+        if training:
+            self.saved[(key, layer)] = (x_TD, r.weight_A, routed.aux_loss, order, sizes, picks)
+        weight_A = r.weight_A.detach()
+        stats = routed.stats.tensors()
+        E = self.layers[layer].cfg.num_experts
+        return [(self.links.outbox(p[2]).pack([
+            source_A[pick] - starts[w], weight_A[pick],
+            torch.bincount(r.expert_A[pick], minlength=E), *stats]),
+            routed.aux_loss.item(), {k: float(v) for k, v in routed.aux.items()},
+            routed.stats.policy) for w, (p, pick) in enumerate(zip(parts, picks))]
+
+    def gate_backward(self, key: str, layer: int, rank: int, size: int, packet: tuple,
+                      d_aux: float, reply_to: Address):
+        """A worker's gradient of its combine weights dweight_A -> (a packet of the gate's
+        input gradient dx_TD and the layer's gradient norms, seconds busy here). The worker
+        calls it after its experts' backward, so the experts' gradients are complete."""
+        t0 = time.perf_counter()
+        self._count("worker->router/gate_backward")
+        (dw_A,) = [t.to(self.device) for t in self.links.inbox.unpack(packet)]
+        reply = self._rendezvous(("gate_bwd", key, layer), rank, size, (dw_A, d_aux, reply_to),
+                                 lambda parts: self._gate_backward(key, layer, parts))
+        return reply, time.perf_counter() - t0
+
+    def _gate_backward(self, key, layer, parts):
+        x_TD, weight_A, aux_loss, order, sizes, picks = self.saved.pop((key, layer))
+        dw_A = torch.zeros_like(weight_A)
+        for (dw, _, _), pick in zip(parts, picks):
+            dw_A[pick] = dw
+        d_aux = sum(p[1] for p in parts) * self.num_routers  # as in _backward
+        torch.autograd.backward([weight_A, aux_loss], [dw_A, aux_loss.new_tensor(d_aux)])
+        norms = self._norms_after_backward(key, layer, lambda: self._expert_norms(layer))
+        dx_TD = _worker_order(x_TD.grad, order)
+        return [self.links.outbox(p[2]).pack([dx, norms])
+                for p, dx in zip(parts, torch.split(dx_TD, sizes))]
+
+    def _expert_norms(self, layer: int) -> torch.Tensor:
+        """Gradient norms of a layer's experts, asked of every actor."""
+        self._count("router->expert/layer_grad_norms", len(self.actors))
+        pending = {a: peer.request("layer_grad_norms", layer)
+                   for a, (_, peer) in enumerate(self.peers())}
+        norms, failed = results(pending)
+        if failed:
+            raise failed[1]
+        return torch.cat([norms[a] for a in sorted(norms)])
 
     # ----------------------------------------------------------------- several routers
 
@@ -284,8 +388,9 @@ class RouterActor:
         if self.index == 0:
             return self.share(tag, 0, part)
         if self._lead_peer is None:
-            address, _, _, serves = ray.get(self.lead.address.remote())
-            direct = self.socket_calls and serves and address[1] == self.links.node
+            lead = ray.get(self.lead.address.remote())
+            address = lead["address"]
+            direct = self.socket_calls and lead["serves_calls"] and address[1] == self.links.node
             self._lead_peer = Peer(self.lead, "router 0", address[0] if direct else None)
         self._count("router->router/share")
         return self._lead_peer.call("share", tag, self.index, part)

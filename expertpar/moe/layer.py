@@ -79,38 +79,58 @@ class MoELayer(nn.Module):
         auxiliary losses and statistics are those of the whole batch; evaluation routes the
         batch as one group."""
         if group_T is None or not self.training or self.cfg.routing_groups == 1:
-            y_TD, routing = self._route_and_run(x_TD, modality_T, ctx, 0)
-            aux_loss, aux = aux_losses(routing, modality_T, self.cfg)
-            return MoEOutput(y_TD, aux_loss, {k: v.detach() for k, v in aux.items()},
-                             RoutingStats.of(routing, modality_T))
+            routed = self.route(x_TD, modality_T, ctx)
+            return MoEOutput(self.run_experts(x_TD, routed.routing), *routed[1:])
         y_TD = torch.zeros_like(x_TD)
         parts = []
         for g in range(self.cfg.routing_groups):
             (idx,) = torch.nonzero(group_T == g, as_tuple=True)
-            y_g, routing = self._route_and_run(x_TD[idx], modality_T[idx], ctx, g)
-            y_TD = y_TD.index_put((idx,), y_g)
+            routing = self._route(x_TD[idx], modality_T[idx], ctx, g)
+            y_TD = y_TD.index_put((idx,), self.run_experts(x_TD[idx], routing))
             parts.append(GroupRouting.of(routing, modality_T[idx]))
-        return _joined(y_TD, parts, 0, self.cfg)
+        return MoEOutput(y_TD, *_joined(parts, 0, self.cfg))
 
     def forward_group(self, x_TD: torch.Tensor, modality_T: torch.Tensor, ctx: RouteContext,
                       group: int, share) -> MoEOutput:
         """Route one group of a batch whose other groups are routed elsewhere (a router
-        actor among ``routing_groups``). ``share(part)`` sends this group's ``GroupRouting``
-        and returns every group's, in group order; the losses and statistics are then those
-        of the whole batch, as ``forward`` computes them, with gradients through this
-        group's routing only."""
-        y_TD, routing = self._route_and_run(x_TD, modality_T, ctx, group)
+        actor among ``routing_groups``; ``share``: see ``route``), then run its experts."""
+        routed = self.route(x_TD, modality_T, ctx, group, share)
+        return MoEOutput(self.run_experts(x_TD, routed.routing), *routed[1:])
+
+    def route(self, x_TD: torch.Tensor, modality_T: torch.Tensor,
+              ctx: RouteContext = RouteContext(), group: int = 0, share=None) -> "Routed":
+        """The routing, auxiliary losses and statistics, without running the experts (a
+        router whose workers call the experts themselves routes this way). With ``share``,
+        ``x_TD`` is group ``group`` of a batch whose other groups are routed elsewhere:
+        ``share(part)`` sends this group's ``GroupRouting`` and returns every group's, in
+        group order, and the losses and statistics are those of the whole batch, as
+        ``forward`` computes them, with gradients through this group's routing only."""
+        routing = self._route(x_TD, modality_T, ctx, group)
+        if share is None:
+            aux_loss, aux = aux_losses(routing, modality_T, self.cfg)
+            return Routed(routing, aux_loss, {k: v.detach() for k, v in aux.items()},
+                          RoutingStats.of(routing, modality_T))
         part = GroupRouting.of(routing, modality_T)
         parts = list(share(part.detached()))  # a copy: the list may be another router's too
         parts[group] = part
-        return _joined(y_TD, parts, group, self.cfg)
+        return Routed(routing, *_joined(parts, group, self.cfg))
 
-    def _route_and_run(self, x_TD, modality_T, ctx, group: int):
-        routing = route(x_TD, self.gate.w_ED, modality_T, self.cfg, training=self.training,
-                        noise_seed=ctx.noise_seed(self.layer_index, group))
+    def run_experts(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Dispatch -> experts -> combine: y_TD."""
         plan = make_plan(routing)
         y_AD = self.experts(dispatch(x_TD, plan), plan.counts_E)
-        return combine(y_AD, routing.weight_A, plan), routing
+        return combine(y_AD, routing.weight_A, plan)
+
+    def _route(self, x_TD, modality_T, ctx, group: int) -> Routing:
+        return route(x_TD, self.gate.w_ED, modality_T, self.cfg, training=self.training,
+                     noise_seed=ctx.noise_seed(self.layer_index, group))
+
+
+class Routed(NamedTuple):
+    routing: Routing
+    aux_loss: torch.Tensor
+    aux: dict[str, torch.Tensor]
+    stats: RoutingStats
 
 
 @dataclass
@@ -132,10 +152,9 @@ class GroupRouting:
                             self.modality_T, self.stats)
 
 
-def _joined(y_TD: torch.Tensor, parts: list[GroupRouting], group: int,
-            cfg: MoEConfig) -> MoEOutput:
-    """The layer output of grouped routing: the auxiliary losses over every group's tokens
-    (in group order), the statistics summed."""
+def _joined(parts: list[GroupRouting], group: int, cfg: MoEConfig):
+    """(aux loss, aux terms, statistics) of grouped routing: the auxiliary losses over every
+    group's tokens (in group order), the statistics summed."""
     device = parts[group].routing.probs_TE.device
     whole = replace(parts[group].routing,
                     logits_TE=torch.cat([p.routing.logits_TE.to(device) for p in parts]),
@@ -146,7 +165,7 @@ def _joined(y_TD: torch.Tensor, parts: list[GroupRouting], group: int,
     stats = parts[0].stats
     for p in parts[1:]:
         stats = stats + p.stats
-    return MoEOutput(y_TD, aux_loss, {k: v.detach() for k, v in aux.items()}, stats)
+    return aux_loss, {k: v.detach() for k, v in aux.items()}, stats
 
 
 def expert_seed(seed: int, layer_index: int, expert: int) -> int:

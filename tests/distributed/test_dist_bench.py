@@ -26,12 +26,17 @@ def test_bench_measures_every_target_and_writes_its_files(ray_local, synth_dir, 
     out = tmp_path / "bench"
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(r))
     for key in ("reference", "reference_4_actors", "reference_object_store",
-                "reference_ray_calls", "quickstart", "quickstart_ray_calls"):
+                "reference_ray_calls", "reference_direct", "quickstart", "quickstart_ray_calls",
+                "quickstart_direct"):
         assert r[key]["in_process_step_s"] > 0 and r[key]["ray_step_s"] > 0, key
         assert r[key]["ratio"] == pytest.approx(r[key]["ray_step_s"] / r[key]["in_process_step_s"])
     assert r["reference_4_actors"]["layer"]["actors"] == 4
     assert r["reference_object_store"]["experts"] == {"shared_memory": False}
     assert r["reference_ray_calls"]["experts"] == {"calls": "ray"}
+    # Direct: per layer the router plans and takes the weights' gradient, and the worker
+    # fans out to the actors itself, once each way: 4L + 1 calls in a row.
+    assert r["quickstart_direct"]["serial_calls_per_step"] == 5
+    assert r["reference_direct"]["calls_per_step"]["worker->expert/forward"] == 2
     # One MoE layer: the worker calls forward, backward and step once each per step, and the
     # router calls each of the 2 actors once per direction.
     m = r["quickstart"]

@@ -52,14 +52,17 @@ def routed(routing: str) -> dict:
     return {"model.moe.routing": routing, "model.moe.top_k": 2 if routing == "token_choice" else 1}
 
 
-@pytest.mark.parametrize("routing", ROUTINGS)
-@pytest.mark.parametrize("num_actors,calls", [(1, "socket"), (2, "socket"), (4, "socket"),
-                                              (2, "ray")])
+@pytest.mark.parametrize("routing,num_actors,calls,transport", [
+    ("token_choice", 1, "socket", "router"), ("expert_choice", 1, "socket", "router"),
+    ("token_choice", 2, "socket", "router"), ("expert_choice", 2, "socket", "router"),
+    ("token_choice", 4, "socket", "router"), ("token_choice", 2, "ray", "router"),
+    ("token_choice", 2, "socket", "direct"), ("expert_choice", 4, "ray", "direct")])
 def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_path, batch,
-                                                     num_actors, calls, routing):
+                                                     num_actors, calls, transport, routing):
     tok, images, ids, mask = batch
     cfg = tiny_config(synth_dir, tmp_path, **routed(routing), **{
         "distributed.backend": "ray", "experts.num_actors": num_actors, "experts.calls": calls,
+        "experts.transport": transport,
         "experts.cpus_per_actor": 0.5, "model.moe.capacity_factor": 1.0,
         "model.moe.noise_std": 0.3, "model.moe.local_entropy_weight": 0.01,
         "model.moe.global_entropy_weight": 0.01})
@@ -71,6 +74,7 @@ def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_p
         # Forward and backward go the configured way, worker -> router -> every actor.
         assert backend.calls.via_socket == (calls == "socket")
         assert ray.get(moe.router.info.remote())["expert_calls"] == [calls] * num_actors
+        assert backend.transport == transport
         remote = build_model(cfg, vocab_size(tok), backend)
         owners_r = [dense_owner(remote, cfg), RemoteOwner(backend, lead=True)]
         ctx = RouteContext(seed=0, step=0)
@@ -87,6 +91,9 @@ def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_p
             loss = clip_loss(enc.image_BE, enc.text_BE, model.logit_scale) + enc.aux_loss
             loss.backward()
         remote_grads = {**owners_r[0].grads(), **ray.get(moe.router.grads.remote())}
+        # Direct: this worker called the actors; through the router: the router did.
+        direct_calls = backend.calls_made["worker->expert/forward"]
+        assert (direct_calls > 0) == (transport == "direct"), backend.calls_made
         checked = 0
         for slot, p in model_entries(local):
             if p.grad is None:
@@ -172,9 +179,11 @@ def test_bfloat16_experts_on_actors_match_bfloat16_experts_in_process(ray_local,
         moe.shutdown()
 
 
+@pytest.mark.parametrize("transport", ["router", "direct"])
 def test_two_routers_route_their_workers_groups_like_the_grouped_layer(ray_local, synth_dir,
-                                                                       tmp_path):
+                                                                       tmp_path, transport):
     cfg = tiny_config(synth_dir, tmp_path, **{
+        "experts.transport": transport,
         "distributed.backend": "ray", "distributed.num_workers": 2, "experts.num_actors": 2,
         "experts.cpus_per_actor": 0.5, "experts.num_routers": 2, "model.moe.routing_groups": 2,
         "model.moe.top_k": 2, "model.moe.capacity_factor": 1.0, "model.moe.noise_std": 0.3,
@@ -207,7 +216,8 @@ def test_two_routers_route_their_workers_groups_like_the_grouped_layer(ray_local
         assert all(o is not None for o in outs) and all(n is not None for n in norms)
         remote_grads = ray.get(moe.router.grads.remote())
         counts = [ray.get(r.call_counts.remote()) for r in moe.routers]
-        assert [c["worker->router/forward"] for c in counts] == [1, 1]  # one group each
+        first = "worker->router/forward" if transport == "router" else "worker->router/plan"
+        assert [c[first] for c in counts] == [1, 1]  # one group each
         assert counts[1]["router->router/share"] == 2  # its routing, then its gate gradients
     finally:
         moe.shutdown()
@@ -239,18 +249,20 @@ def _tensors(run_dir):
     return read_shards(latest_checkpoint(run_dir / "checkpoints"))
 
 
-@pytest.mark.parametrize("routing,routers", [("token_choice", 1), ("expert_choice", 1),
-                                             ("token_choice", 2)])
+@pytest.mark.parametrize("routing,routers,transport", [
+    ("token_choice", 1, "router"), ("expert_choice", 1, "direct"), ("token_choice", 2, "direct"),
+    ("expert_choice", 2, "router")])
 def test_two_workers_train_like_one_process_and_leave_no_shared_buffers(ray_local, synth_dir,
                                                                          tmp_path, routing,
-                                                                         routers):
+                                                                         routers, transport):
     # With 2 routers, one per worker, the reference routes the batch in the same 2 groups.
     common = {"train.steps": 5, "train.checkpoint_every": 5, "model.moe.capacity_factor": 1.0,
               "model.moe.routing_groups": routers, **routed(routing)}
     ref = train(tiny_config(synth_dir, tmp_path / "local", **common))
     cfg = tiny_config(synth_dir, tmp_path / "ray", **common, **{
         "distributed.backend": "ray", "distributed.num_workers": 2, "experts.num_actors": 2,
-        "experts.cpus_per_actor": 0.5, "experts.num_routers": routers})
+        "experts.cpus_per_actor": 0.5, "experts.num_routers": routers,
+        "experts.transport": transport})
     got = train(cfg)
     start = [m for m in read_metrics(got.run_dir / "metrics.jsonl") if m.get("event") == "start"]
     assert [m["train/workers"] for m in start] == [2]  # two Ray Train workers ran the loop

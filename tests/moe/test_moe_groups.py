@@ -37,7 +37,8 @@ def test_each_group_is_routed_alone_with_its_own_capacity_and_noise():
     probs, experts_R = [], []
     for g in range(2):
         idx = torch.nonzero(group_T == g).squeeze(1)
-        y_g, routing = grouped._route_and_run(x_TD[idx], modality_T[idx], RouteContext(0, 7), g)
+        routing = grouped._route(x_TD[idx], modality_T[idx], RouteContext(0, 7), g)
+        y_g = grouped.run_experts(x_TD[idx], routing)
         assert torch.allclose(out.y_TD[idx], y_g, atol=1e-6)
         # 12 tokens, top-2 of 4 experts, capacity factor 1: 6 slots an expert in each group.
         assert routing.capacity == 6
@@ -66,8 +67,8 @@ def test_one_group_at_a_time_gives_the_grouped_layers_output_losses_and_gradient
     # Two "routers": each sees only its group's tokens and shares its routing with the other.
     routers = [layer(2) for _ in range(2)]
     idx = [torch.nonzero(group_T == g).squeeze(1) for g in range(2)]
-    shared = [routers[g]._route_and_run(x_TD[idx[g]], modality_T[idx[g]], RouteContext(0, 2),
-                                        g)[1] for g in range(2)]
+    shared = [routers[g]._route(x_TD[idx[g]], modality_T[idx[g]], RouteContext(0, 2), g)
+              for g in range(2)]
     parts = [GroupRouting.of(r, modality_T[i]).detached() for r, i in zip(shared, idx)]
     dx_TD = torch.zeros_like(x_TD)
     gate_grad = torch.zeros_like(ref.gate.w_ED)
