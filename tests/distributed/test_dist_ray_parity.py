@@ -250,8 +250,7 @@ def _tensors(run_dir):
 
 
 @pytest.mark.parametrize("routing,routers,transport", [
-    ("token_choice", 1, "router"), ("expert_choice", 1, "direct"), ("token_choice", 2, "direct"),
-    ("expert_choice", 2, "router")])
+    ("token_choice", 1, "router"), ("expert_choice", 2, "direct"), ("token_choice", 2, "router")])
 def test_two_workers_train_like_one_process_and_leave_no_shared_buffers(ray_local, synth_dir,
                                                                          tmp_path, routing,
                                                                          routers, transport):
