@@ -22,7 +22,7 @@ from ..config import MoEConfig
 from ..moe.dispatch import DispatchPlan, combine, dispatch
 from ..moe.layer import MoEOutput, RouteContext
 from ..moe.stats import RoutingStats
-from .calls import Peer
+from .calls import peer_for
 from .remote_experts import RemoteExperts
 from .wire import Links, gpu_bytes
 
@@ -47,11 +47,12 @@ class RayBackend:
         self.links = Links(info["shared_memory"], device)
         self.calls_made: Counter = Counter()  # this worker's calls to expert actors (bench)
         # Forward and backward go through a socket to a router (or expert actor) on this node.
-        self.calls = Peer(self.router, "the router", self._socket(info, self.router_address))
+        node, serves = self.links.node, info["serves_calls"]
+        self.calls = peer_for(self.router, "the router", self.router_address, serves, node)
         self.transport = info["transport"]
         self.experts: dict[int, RemoteExperts] = {}
         if self.transport == "direct":
-            peers = [(address, Peer(handle, f"expert actor {a}", self._socket(info, address)))
+            peers = [(address, peer_for(handle, f"expert actor {a}", address, serves, node))
                      for a, (handle, address) in enumerate(zip(info["actors"],
                                                                info["actor_addresses"]))]
             lock = threading.Lock()  # one fan-out at a time through this worker's outboxes
@@ -61,10 +62,6 @@ class RayBackend:
                             for L in layers}
         self.stepped: int | None = None  # the last optimizer step sent (see RemoteOwner.step)
         self.norms: dict[str, dict[int, torch.Tensor]] = {}  # call key -> layer -> norms
-
-    def _socket(self, info: dict, address) -> str | None:
-        """The link id to call through a socket, when the peer is on this node and serves."""
-        return address[0] if info["serves_calls"] and address[1] == self.links.node else None
 
     def _count(self, name: str, n: int = 1) -> None:
         self.calls_made[name] += n

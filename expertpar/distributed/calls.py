@@ -195,6 +195,12 @@ class Peer:
             self._drop()
 
 
+def peer_for(handle, name: str, address: tuple, serves: bool, here: str) -> Peer:
+    """The way to call the process at link ``address`` (id, node, GPU) from node ``here``:
+    its socket when it ``serves`` one on this node, else Ray."""
+    return Peer(handle, name, address[0] if serves and address[1] == here else None)
+
+
 class Pending:
     """A request in flight; ``result`` returns its reply or raises what the peer raised,
     ``PeerLost`` when the peer died, ``TimeoutError`` after ``CALL_TIMEOUT_S``."""

@@ -29,7 +29,7 @@ from ..moe.layer import GroupRouting, MoELayer, RouteContext
 from ..train.checkpoint import read_shards
 from ..train.names import ROUTER_FILE, gate_entries
 from ..train.owners import ParameterOwner, grad_norms_of
-from .calls import CallServer, Peer, results
+from .calls import CallServer, Peer, peer_for, results
 from .expert_actor import actor_device
 from .remote_experts import RemoteExperts
 from .wire import Address, Links
@@ -133,9 +133,8 @@ class RouterActor:
             peers = []
             for a, (address, serves) in enumerate(ray.get([h.address.remote()
                                                            for h in self.actors])):
-                direct = self.socket_calls and serves and address[1] == self.links.node
-                peers.append((address, Peer(self.actors[a], f"expert actor {a}",
-                                            address[0] if direct else None)))
+                peers.append((address, peer_for(self.actors[a], f"expert actor {a}", address,
+                                                self.socket_calls and serves, self.links.node)))
             self._peers = peers
         return self._peers
 
@@ -219,9 +218,27 @@ class RouterActor:
 
     def _forward(self, key, layer, parts, training, ctx):
         moe = self.layers[layer]
-        moe.train(training)
         # The experts keep activations by this name: unique per router (they serve them all).
         moe.experts.call_key = f"{key}@{self.index}"
+        x_TD, modality_T, order, routed = self._route(key, layer, parts, training, ctx)
+        with torch.set_grad_enabled(training):
+            y_TD = moe.run_experts(x_TD, routed.routing)
+        sizes = [p[0].shape[0] for p in parts]
+        if training:
+            self.saved[(key, layer)] = (x_TD, y_TD, routed.aux_loss, order, sizes)
+        y_TD = _worker_order(y_TD.detach(), order)
+        aux = {k: float(v) for k, v in routed.aux.items()}
+        aux_loss = routed.aux_loss.item()
+        tensors = routed.stats.tensors()
+        return [(self.links.outbox(p[2]).pack([y, *tensors]), aux_loss, aux,
+                 routed.stats.policy) for p, y in zip(parts, torch.split(y_TD, sizes))]
+
+    def _route(self, key, layer, parts, training, ctx):
+        """The gathered tokens of a call, in in-process order, routed: (x_TD, modality_T,
+        order, Routed). With several routers this router routes its group and the losses
+        and statistics are the whole batch's (MoELayer.route)."""
+        moe = self.layers[layer]
+        moe.train(training)
         x_TD, modality_T, order = _in_process_order([p[0] for p in parts],
                                                     [p[1] for p in parts])
         if training:
@@ -229,22 +246,13 @@ class RouterActor:
             # this layer's backward, and the gate keeps its input for the weight gradient.
             x_TD = (x_TD if order is not None or len(parts) > 1 else x_TD.clone())
             x_TD.requires_grad_(True)
+        share = None
+        if training and self.num_routers > 1:
+            def share(part):
+                return self._share(("route", key, layer), _to_cpu(part))[0]
         with torch.set_grad_enabled(training):
-            if training and self.num_routers > 1:
-                out = moe.forward_group(x_TD, modality_T, ctx, self.index,
-                                        share=lambda part: self._share(("route", key, layer),
-                                                                       _to_cpu(part))[0])
-            else:
-                out = moe(x_TD, modality_T, ctx)
-        sizes = [p[0].shape[0] for p in parts]
-        if training:
-            self.saved[(key, layer)] = (x_TD, out.y_TD, out.aux_loss, order, sizes)
-        y_TD = _worker_order(out.y_TD.detach(), order)
-        aux = {k: float(v) for k, v in out.aux.items()}
-        aux_loss = out.aux_loss.item()
-        tensors = out.stats.tensors()
-        return [(self.links.outbox(p[2]).pack([y, *tensors]), aux_loss, aux, out.stats.policy)
-                for p, y in zip(parts, torch.split(y_TD, sizes))]
+            routed = moe.route(x_TD, modality_T, ctx, self.index, share)
+        return x_TD, modality_T, order, routed
 
     def backward(self, key: str, layer: int, rank: int, size: int, packet: tuple,
                  d_aux: float, reply_to: Address):
@@ -305,19 +313,7 @@ class RouterActor:
         return reply, aux_loss, aux, policy, time.perf_counter() - t0
 
     def _plan(self, key, layer, parts, training, ctx):
-        moe = self.layers[layer]
-        moe.train(training)
-        x_TD, modality_T, order = _in_process_order([p[0] for p in parts],
-                                                    [p[1] for p in parts])
-        if training:
-            x_TD = (x_TD if order is not None or len(parts) > 1 else x_TD.clone())
-            x_TD.requires_grad_(True)
-        share = None
-        if training and self.num_routers > 1:
-            def share(part):
-                return self._share(("route", key, layer), _to_cpu(part))[0]
-        with torch.set_grad_enabled(training):
-            routed = moe.route(x_TD, modality_T, ctx, self.index, share)
+        x_TD, _, order, routed = self._route(key, layer, parts, training, ctx)
         r = routed.routing
         # Each assignment's worker, and its token's index there.
         sizes = [p[0].shape[0] for p in parts]
@@ -389,9 +385,9 @@ class RouterActor:
             return self.share(tag, 0, part)
         if self._lead_peer is None:
             lead = ray.get(self.lead.address.remote())
-            address = lead["address"]
-            direct = self.socket_calls and lead["serves_calls"] and address[1] == self.links.node
-            self._lead_peer = Peer(self.lead, "router 0", address[0] if direct else None)
+            self._lead_peer = peer_for(self.lead, "router 0", lead["address"],
+                                       self.socket_calls and lead["serves_calls"],
+                                       self.links.node)
         self._count("router->router/share")
         return self._lead_peer.call("share", tag, self.index, part)
 

@@ -90,13 +90,6 @@ class MoELayer(nn.Module):
             parts.append(GroupRouting.of(routing, modality_T[idx]))
         return MoEOutput(y_TD, *_joined(parts, 0, self.cfg))
 
-    def forward_group(self, x_TD: torch.Tensor, modality_T: torch.Tensor, ctx: RouteContext,
-                      group: int, share) -> MoEOutput:
-        """Route one group of a batch whose other groups are routed elsewhere (a router
-        actor among ``routing_groups``; ``share``: see ``route``), then run its experts."""
-        routed = self.route(x_TD, modality_T, ctx, group, share)
-        return MoEOutput(self.run_experts(x_TD, routed.routing), *routed[1:])
-
     def route(self, x_TD: torch.Tensor, modality_T: torch.Tensor,
               ctx: RouteContext = RouteContext(), group: int = 0, share=None) -> "Routed":
         """The routing, auxiliary losses and statistics, without running the experts (a
