@@ -89,8 +89,10 @@ def _pipeline_samples_per_s(location: str, cfg: Config, tokenizer_json: str, ste
     return n / (time.perf_counter() - t0)
 
 
-def model_step(cfg: Config, out_dir: Path, steps: int, warmup: int) -> dict:
-    """The job's model: a whole training step in process and through the Ray path."""
+def model_step(cfg: Config, out_dir: Path, steps: int, warmup: int,
+               pipeline: bool = True) -> dict:
+    """The job's model: a whole training step in process and through the Ray path, and (with
+    ``pipeline``) what one worker's Ray Data pipeline delivers against what the step takes."""
     import ray
 
     from ..distributed.actors import start_moe_actors
@@ -117,13 +119,10 @@ def model_step(cfg: Config, out_dir: Path, steps: int, warmup: int) -> dict:
         moe.shutdown()
     timed = steps - warmup
     per_step = {k: v / timed for k, v in sorted(calls.items())}
-    one_worker = dataclasses.replace(cfg, distributed=dataclasses.replace(
-        cfg.distributed, num_workers=1))
-    delivered = _pipeline_samples_per_s(index.location, one_worker, tokenizer.to_str(), steps)
     first = batches[0]
     tokens = first.images_BCHW.shape[0] * local.image_stem.num_tokens + int(first.mask_BL.sum())
     L = cfg.num_moe_layers
-    return {
+    out = {
         "model": {"dim": cfg.model.dim, "depth": cfg.model.depth,
                   "experts": cfg.model.moe.num_experts, "top_k": cfg.model.moe.top_k,
                   "moe_layers": L, "batch_size": cfg.train.batch_size,
@@ -137,11 +136,18 @@ def model_step(cfg: Config, out_dir: Path, steps: int, warmup: int) -> dict:
                                      if k.startswith(("worker->router/", "worker->experts/"))),
         "transport": cfg.experts.transport,
         "serial_calls_target": 2 * L + 1,
-        "calls_per_step_total": sum(per_step.values()),
-        "data_pipeline": {"delivered_samples_per_s": delivered,
-                          "consumed_samples_per_s": cfg.train.batch_size / ray_s,
-                          "headroom": delivered * ray_s / cfg.train.batch_size},
+        "calls_per_step_total": sum(v for k, v in per_step.items()
+                                    if not k.startswith("worker->experts/")),
     }
+    if pipeline:
+        one_worker = dataclasses.replace(cfg, distributed=dataclasses.replace(
+            cfg.distributed, num_workers=1))
+        delivered = _pipeline_samples_per_s(index.location, one_worker, tokenizer.to_str(),
+                                            steps)
+        out["data_pipeline"] = {"delivered_samples_per_s": delivered,
+                                "consumed_samples_per_s": cfg.train.batch_size / ray_s,
+                                "headroom": delivered * ray_s / cfg.train.batch_size}
+    return out
 
 
 class _Layers:
@@ -224,12 +230,13 @@ def run_bench(cfg: Config, out_dir: Path, plan: BenchPlan = BenchPlan()) -> dict
         model = model_step(cfg, out_dir, plan.model_steps, plan.model_warmup)
         log.info("%s model: in process %.1f ms, Ray %.1f ms (%.2fx)", cfg.run.name,
                  model["in_process_step_s"] * 1e3, model["ray_step_s"] * 1e3, model["ratio"])
+        # The same data pipeline serves every variant: measured once, above.
         model_ray_calls = model_step(_with_experts(cfg, calls="ray"), out_dir,
-                                     plan.model_steps, plan.model_warmup)
+                                     plan.model_steps, plan.model_warmup, pipeline=False)
         log.info("%s model, Ray calls instead of sockets: %.2fx", cfg.run.name,
                  model_ray_calls["ratio"])
         model_direct = model_step(_with_experts(cfg, transport="direct"), out_dir,
-                                  plan.model_steps, plan.model_warmup)
+                                  plan.model_steps, plan.model_warmup, pipeline=False)
         log.info("%s model, direct transport: %.2fx", cfg.run.name, model_direct["ratio"])
         growth = _growth(plan, layers)
     finally:
