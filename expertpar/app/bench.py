@@ -302,6 +302,16 @@ def table(r: dict) -> str:
         return "met" if good else "not met"
 
     sb = r["small_batch_forward_ms"]
+
+    def layer_row(label: str, p: dict, forward_ms: bool = False) -> tuple:
+        extra = f" ({p['small_batch_forward_ms']['ray']:.1f} ms)" if forward_ms else ""
+        return label, f"{p['ray_step_s']:.3f} s = {p['ratio']:.2f}x{extra}", "(comparison)", ""
+
+    def model_row(label: str, p: dict, serial: bool = False) -> tuple:
+        extra = f" ({p['serial_calls_per_step']:.0f})" if serial else ""
+        return (label, f"{p['ray_step_s'] * 1e3:.1f} ms / {p['in_process_step_s'] * 1e3:.1f} ms"
+                f" = {p['ratio']:.2f}x{extra}", "(comparison)", "")
+
     rows = [
         ("Reference MoE layer, 2 expert actors: Ray / in process",
          f"{ref['ray_step_s']:.3f} s / {ref['in_process_step_s']:.3f} s = "
@@ -310,24 +320,18 @@ def table(r: dict) -> str:
         ("Reference MoE layer, 4 expert actors",
          f"{four['ray_step_s']:.3f} s = **{four['ratio']:.2f}x**",
          f"<= {t['reference_ratio']:.2f}", ok(four["ratio"] <= t["reference_ratio"])),
-        ("Reference layer, 2 actors, object store instead of shared memory",
-         f"{store['ray_step_s']:.3f} s = {store['ratio']:.2f}x", "(comparison)", ""),
-        ("Reference layer, 2 actors, direct transport (64-token forward)",
-         f"{direct['ray_step_s']:.3f} s = {direct['ratio']:.2f}x "
-         f"({direct['small_batch_forward_ms']['ray']:.1f} ms)", "(comparison)", ""),
-        ("Reference layer, 2 actors, Ray calls instead of sockets (64-token forward)",
-         f"{calls['ray_step_s']:.3f} s = {calls['ratio']:.2f}x "
-         f"({calls['small_batch_forward_ms']['ray']:.1f} ms)", "(comparison)", ""),
+        layer_row("Reference layer, 2 actors, object store instead of shared memory", store),
+        layer_row("Reference layer, 2 actors, direct transport (64-token forward)", direct,
+                  forward_ms=True),
+        layer_row("Reference layer, 2 actors, Ray calls instead of sockets (64-token forward)",
+                  calls, forward_ms=True),
         (f"Quickstart model, whole step ({m['model']['moe_layers']} MoE layers)",
          f"{m['ray_step_s'] * 1e3:.1f} ms / {m['in_process_step_s'] * 1e3:.1f} ms = "
          f"**{m['ratio']:.2f}x**", f"<= {t['quickstart_ratio']:.2f}",
          ok(m["ratio"] <= t["quickstart_ratio"])),
-        ("Quickstart model, Ray calls instead of sockets",
-         f"{mc['ray_step_s'] * 1e3:.1f} ms / {mc['in_process_step_s'] * 1e3:.1f} ms = "
-         f"{mc['ratio']:.2f}x", "(comparison)", ""),
-        ("Quickstart model, direct transport (worker calls the actors; serial calls)",
-         f"{md['ray_step_s'] * 1e3:.1f} ms / {md['in_process_step_s'] * 1e3:.1f} ms = "
-         f"{md['ratio']:.2f}x ({md['serial_calls_per_step']:.0f})", "(comparison)", ""),
+        model_row("Quickstart model, Ray calls instead of sockets", mc),
+        model_row("Quickstart model, direct transport (worker calls the actors; serial calls)",
+                  md, serial=True),
         ("Worker's calls per step, in a row (all calls)",
          f"**{r['serial_calls_per_step']:.0f}** ({m['calls_per_step_total']:.0f})",
          f"<= 2L+1 = {r['serial_calls_target']}",

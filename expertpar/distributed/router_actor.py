@@ -207,14 +207,21 @@ class RouterActor:
                 training: bool, seed: int, step: int, after: int | None, reply_to: Address):
         """A worker's tokens (x_TD, modality_T) -> (a packet of its y_TD and the routing
         statistics' tensors, aux loss, aux terms, the routing policy, seconds busy here)."""
+        return self._tokens_call("forward", self._forward, key, layer, rank, size, packet,
+                                 training, RouteContext(seed, step), after, reply_to)
+
+    def _tokens_call(self, name, compute, key, layer, rank, size, packet, training, ctx,
+                     after, reply_to):
+        """A worker's tokens in, once every worker of the call has sent them: ``compute``
+        runs once for all, and this worker gets its reply and the seconds busy here."""
         t0 = time.perf_counter()
-        self._count("worker->router/forward")
+        self._count(f"worker->router/{name}")
         self._after(after)
         x_TD, modality_T = [t.to(self.device) for t in self.links.inbox.unpack(packet)]
-        y, aux_loss, aux, policy = self._rendezvous(
-            ("fwd", key, layer), rank, size, (x_TD, modality_T, reply_to),
-            lambda parts: self._forward(key, layer, parts, training, RouteContext(seed, step)))
-        return y, aux_loss, aux, policy, time.perf_counter() - t0
+        reply, aux_loss, aux, policy = self._rendezvous(
+            (name, key, layer), rank, size, (x_TD, modality_T, reply_to),
+            lambda parts: compute(key, layer, parts, training, ctx))
+        return reply, aux_loss, aux, policy, time.perf_counter() - t0
 
     def _forward(self, key, layer, parts, training, ctx):
         moe = self.layers[layer]
@@ -258,11 +265,18 @@ class RouterActor:
                  d_aux: float, reply_to: Address):
         """A worker's dy_TD -> (a packet of its dx_TD and this layer's gradient norms,
         seconds busy here)."""
+        return self._gradient_call("backward", self._backward, key, layer, rank, size, packet,
+                                   d_aux, reply_to)
+
+    def _gradient_call(self, name, compute, key, layer, rank, size, packet, d_aux, reply_to):
+        """A worker's gradient in (and its share of the aux loss's), once every worker of
+        the call has sent theirs: ``compute`` runs once for all, and this worker gets its
+        reply and the seconds busy here."""
         t0 = time.perf_counter()
-        self._count("worker->router/backward")
-        (dy_TD,) = [t.to(self.device) for t in self.links.inbox.unpack(packet)]
-        reply = self._rendezvous(("bwd", key, layer), rank, size, (dy_TD, d_aux, reply_to),
-                                 lambda parts: self._backward(key, layer, parts))
+        self._count(f"worker->router/{name}")
+        (grad,) = [t.to(self.device) for t in self.links.inbox.unpack(packet)]
+        reply = self._rendezvous((name, key, layer), rank, size, (grad, d_aux, reply_to),
+                                 lambda parts: compute(key, layer, parts))
         return reply, time.perf_counter() - t0
 
     def _backward(self, key, layer, parts):
@@ -303,14 +317,8 @@ class RouterActor:
         """A worker's tokens (x_TD, modality_T) -> (a packet of its assignments' tokens
         token_A, their combine weights weight_A, rows per expert counts_E and the routing
         statistics' tensors; aux loss, aux terms, the routing policy, seconds busy here)."""
-        t0 = time.perf_counter()
-        self._count("worker->router/plan")
-        self._after(after)
-        x_TD, modality_T = [t.to(self.device) for t in self.links.inbox.unpack(packet)]
-        reply, aux_loss, aux, policy = self._rendezvous(
-            ("plan", key, layer), rank, size, (x_TD, modality_T, reply_to),
-            lambda parts: self._plan(key, layer, parts, training, RouteContext(seed, step)))
-        return reply, aux_loss, aux, policy, time.perf_counter() - t0
+        return self._tokens_call("plan", self._plan, key, layer, rank, size, packet, training,
+                                 RouteContext(seed, step), after, reply_to)
 
     def _plan(self, key, layer, parts, training, ctx):
         x_TD, _, order, routed = self._route(key, layer, parts, training, ctx)
@@ -337,12 +345,8 @@ class RouterActor:
         """A worker's gradient of its combine weights dweight_A -> (a packet of the gate's
         input gradient dx_TD and the layer's gradient norms, seconds busy here). The worker
         calls it after its experts' backward, so the experts' gradients are complete."""
-        t0 = time.perf_counter()
-        self._count("worker->router/gate_backward")
-        (dw_A,) = [t.to(self.device) for t in self.links.inbox.unpack(packet)]
-        reply = self._rendezvous(("gate_bwd", key, layer), rank, size, (dw_A, d_aux, reply_to),
-                                 lambda parts: self._gate_backward(key, layer, parts))
-        return reply, time.perf_counter() - t0
+        return self._gradient_call("gate_backward", self._gate_backward, key, layer, rank, size,
+                                   packet, d_aux, reply_to)
 
     def _gate_backward(self, key, layer, parts):
         x_TD, weight_A, aux_loss, order, sizes, picks = self.saved.pop((key, layer))
