@@ -6,6 +6,10 @@ router and returns its combined output and auxiliary loss; backward sends the ou
 (and this worker's share of the auxiliary loss gradient) and returns the input gradient. The
 backward reply also carries the layer's gradient norms, which ``RemoteOwner`` (runtime.py)
 hands to the step's global clipping without asking the router again.
+
+With ``experts.transport: direct`` the router only routes: forward gets this worker's share
+of the plan from it and calls the expert actors from here (``_DirectFn``), so activations go
+between this worker and the actors without passing through the router.
 """
 from __future__ import annotations
 
