@@ -16,6 +16,7 @@ state itself. A peer that dies closes its end, and the caller hears of it at onc
 """
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import struct
@@ -76,6 +77,16 @@ def _recv(conn: socket.socket):
 _CLOSED = object()
 
 
+def _same_user(conn: socket.socket) -> bool:
+    """Whether the process at the other end runs as this user (SO_PEERCRED, Linux; elsewhere
+    the socket file's 0600 mode keeps others out)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return True
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    struct.calcsize("3i")))
+    return uid == os.getuid()
+
+
 class CallServer:
     """Serves ``methods`` of ``target`` on the socket named after ``link_id``, one thread per
     connection; ``close`` stops taking calls."""
@@ -86,6 +97,8 @@ class CallServer:
         self.name = socket_name(link_id)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.name)
+        if not self.name.startswith("\0"):
+            os.chmod(self.name, 0o600)  # a socket file: this user only
         self._listener.listen(64)
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -98,6 +111,12 @@ class CallServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return  # closed
+            if not _same_user(conn):
+                # A call is a pickle, and unpickling runs code: only this user's processes
+                # (Ray's workers and actors) may call. An abstract socket has no file
+                # permissions to say so, so the kernel's word on the caller decides.
+                conn.close()
+                continue
             with self._lock:
                 if self._closed:
                     conn.close()
@@ -166,7 +185,7 @@ class Peer:
             return Pending(self, method, ref=getattr(self.handle, method).remote(*args, **kwargs))
         self._lock.acquire()
         try:
-            conn = self._connected(method)
+            conn = self._connected()
             _send(conn, (method, args, kwargs))
         except BaseException as err:
             self._drop()
@@ -176,11 +195,15 @@ class Peer:
             raise
         return Pending(self, method, conn=conn)
 
-    def _connected(self, method: str) -> socket.socket:
+    def _connected(self) -> socket.socket:
         if self._conn is None:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            conn.settimeout(CALL_TIMEOUT_S)
-            conn.connect(socket_name(self.link_id))
+            try:
+                conn.settimeout(CALL_TIMEOUT_S)
+                conn.connect(socket_name(self.link_id))
+            except BaseException:
+                conn.close()
+                raise
             self._conn = conn
         return self._conn
 

@@ -124,3 +124,27 @@ def test_after_close_the_server_takes_no_more_calls():
     server.close()
     with pytest.raises(PeerLost):
         peer.call("forward", (1,))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_a_process_of_another_user_cannot_call(served):
+    # A call is a pickle, and unpickling runs code: the server hangs up on other users.
+    target, link = served
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child becomes "nobody" and tries to call
+        try:
+            os.setuid(65534)
+            try:
+                Peer(None, "echo", link).call("forward", (1,))
+                os.write(write_end, b"answered")
+            except PeerLost:
+                os.write(write_end, b"refused")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 100) == b"refused"
+    os.close(read_end)
+    assert target.seen == []  # the method never ran
+    assert Peer(None, "echo", link).call("forward", (2,)) == [2]  # this user still can
