@@ -59,7 +59,8 @@ class ExpertActor:
             self.owner.load(read_shards(Path(checkpoint), files, verified=True),
                             where=checkpoint)
         # forward and backward also come through a socket (calls.py), on its own thread, beside
-        # the step and checkpoint calls that come through Ray: one lock keeps them apart.
+        # the step and checkpoint calls that come through Ray: one lock keeps them apart
+        # (reentrant: backward takes its layer's gradient norms while holding it).
         self.lock = threading.RLock()
         self.server = (CallServer(self, self.links.id, {"forward", "backward",
                                                         "layer_grad_norms"})
