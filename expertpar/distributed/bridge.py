@@ -61,7 +61,7 @@ class RayBackend:
                                                                info["actor_addresses"]))]
             lock = threading.Lock()  # one fan-out at a time through this worker's outboxes
             layers = sorted({layer for layer, _ in info["owner"]})
-            self.experts = {L: RemoteExperts(L, info["actors"], info["owner"], self.links,
+            self.experts = {L: RemoteExperts(L, info["owner"], self.links,
                                              lambda: peers, self._count, lock, "worker")
                             for L in layers}
         self.stepped: int | None = None  # the last optimizer step sent (see RemoteOwner.step)

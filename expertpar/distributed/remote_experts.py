@@ -19,14 +19,13 @@ from .wire import Links, gpu_bytes
 
 
 class RemoteExperts(ExpertBackend):
-    def __init__(self, layer: int, actors: list, owner: dict[tuple[int, int], int],
+    def __init__(self, layer: int, owner: dict[tuple[int, int], int],
                  links: Links, peers, count=lambda name, n: None,
                  fan_out_lock: threading.Lock | None = None, caller: str = "router"):
         super().__init__()
         self.count = count  # the caller's call counter
         self.caller = caller  # who fans out: the router, or a worker (experts.transport direct)
         self.layer = layer
-        self.actors = actors
         self.owner = owner  # (layer, expert) -> actor index
         self.links = links
         self.peers = peers  # () -> every actor's (link address, Peer), in actor order

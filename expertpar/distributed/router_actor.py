@@ -78,7 +78,7 @@ class RouterActor:
         fan_out_lock = threading.Lock()
         self.experts_owner = owner
         self.layers = [MoELayer(dim, moe, L, seed=seed,
-                                experts=RemoteExperts(L, actors, owner, self.links, self.peers,
+                                experts=RemoteExperts(L, owner, self.links, self.peers,
                                                       self._count, fan_out_lock))
                        .to(self.device) for L in range(num_layers)]
         self.owner = ParameterOwner([e for L, layer in enumerate(self.layers)
