@@ -60,6 +60,7 @@ class BenchPlan:
     growth_actors: tuple[int, ...] = (1, 2, 4)
     model_steps: int = 30
     model_warmup: int = 5
+    means_repeats: int = 5
 
 
 def _median_step(model, owners, batches, cfg: Config, warmup: int) -> float:
@@ -239,6 +240,12 @@ def run_bench(cfg: Config, out_dir: Path, plan: BenchPlan = BenchPlan()) -> dict
                                   plan.model_steps, plan.model_warmup, pipeline=False)
         log.info("%s model, direct transport: %.2fx", cfg.run.name, model_direct["ratio"])
         growth = _growth(plan, layers)
+        # One actor's share, on the threads the reference layer's actors get.
+        means = bench_moe.expert_compute_means(
+            plan.reference, max(1, cores // plan.reference.actors), plan.means_repeats)
+        log.info("expert compute: loop %.3f s, batched %.3f s; backward %.3f s, input "
+                 "gradients alone %.3f s", means["loop_s"], means["batched_s"],
+                 means["backward_s"], means["input_grad_first_s"])
     finally:
         if started:
             ray.shutdown()
@@ -267,6 +274,7 @@ def run_bench(cfg: Config, out_dir: Path, plan: BenchPlan = BenchPlan()) -> dict
         "small_batch_forward_ms": reference["small_batch_forward_ms"]["ray"],
         "small_batch_forward_in_process_ms": reference["small_batch_forward_ms"]["in_process"],
         "growth": growth,
+        "expert_compute": means,
         "bench_seconds": time.perf_counter() - t_start,
         "config": config_to_dict(cfg),
     }
@@ -302,6 +310,7 @@ def table(r: dict) -> str:
         return "met" if good else "not met"
 
     sb = r["small_batch_forward_ms"]
+    ec = r["expert_compute"]
 
     def layer_row(label: str, p: dict, forward_ms: bool = False) -> tuple:
         extra = f" ({p['small_batch_forward_ms']['ray']:.1f} ms)" if forward_ms else ""
@@ -345,6 +354,12 @@ def table(r: dict) -> str:
         ("64-token forward of the reference layer: Ray (in process)",
          f"**{sb:.1f} ms** ({r['small_batch_forward_in_process_ms']:.1f} ms)",
          f"<= {t['small_batch_forward_ms']:.0f} ms", ok(sb <= t["small_batch_forward_ms"])),
+        ("One actor's experts, forward + backward: batched matmul / loop",
+         f"{ec['batched_s']:.3f} s / {ec['loop_s']:.3f} s = "
+         f"{ec['batched_s'] / ec['loop_s']:.2f}x", "(comparison)", ""),
+        ("One actor's experts: input gradients alone / whole backward",
+         f"{ec['input_grad_first_s']:.3f} s / {ec['backward_s']:.3f} s = "
+         f"{ec['input_grad_first_s'] / ec['backward_s']:.2f}x", "(comparison)", ""),
         ("Ray Data pipeline, one worker: delivered / consumed",
          f"{m['data_pipeline']['delivered_samples_per_s']:.0f} / "
          f"{m['data_pipeline']['consumed_samples_per_s']:.0f} samples/s", "> 1x",

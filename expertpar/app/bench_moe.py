@@ -203,3 +203,93 @@ def ffn_tflops(dim: int, hidden: int, tokens: int, *, device: str = "cpu",
         _sync(device)
         times.append(time.perf_counter() - t0)
     return 12 * tokens * dim * hidden / statistics.median(times) / 1e12
+
+
+# Two means of the issue measured on one expert actor's share of the reference layer, as the
+# actor runs it (its torch threads, fp32): the product keeps what pays, and these say what the
+# others would give.
+
+def batched_ffn(ffns, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """All of an actor's experts as one batched matmul per FFN matrix: rows padded to the
+    largest expert's count, weights stacked (E, D, H) so each expert's slab is contiguous."""
+    import torch.nn.functional as F
+
+    n = max(x.shape[0] for x in xs)
+    x_END = torch.zeros(len(xs), n, xs[0].shape[1])
+    for e, x in enumerate(xs):
+        x_END[e, :x.shape[0]] = x
+    w1_EDH = torch.stack([f.fc1.weight.t() for f in ffns])
+    w2_EHD = torch.stack([f.fc2.weight.t() for f in ffns])
+    b1_E1H = torch.stack([f.fc1.bias for f in ffns])[:, None]
+    b2_E1D = torch.stack([f.fc2.bias for f in ffns])[:, None]
+    y_END = torch.baddbmm(b2_E1D, F.gelu(torch.baddbmm(b1_E1H, x_END, w1_EDH)), w2_EHD)
+    return [y_END[e, :x.shape[0]] for e, x in enumerate(xs)]
+
+
+def expert_compute_means(spec: LayerSpec, threads: int, repeats: int = 5) -> dict:
+    """Forward and backward of one actor's experts, median seconds, interleaved runs:
+    - ``loop_s`` the product's loop over experts, ``batched_s`` batched_ffn;
+    - ``backward_s`` the whole backward, ``input_grad_first_s`` the time until the input
+      gradients alone are ready (what the reply would wait for if the weight gradients came
+      after it; they must still be done before the optimizer step)."""
+    from ..moe.experts import FFN
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    per_actor = spec.experts // spec.actors
+    rows = spec.tokens * spec.top_k // spec.experts
+    # Uneven loads, as routing gives: ±10% around the mean, within capacity.
+    counts = [max(1, int(rows * (0.9 + 0.2 * e / max(1, per_actor - 1))))
+              for e in range(per_actor)]
+    ffns = [FFN(spec.dim, spec.hidden) for _ in counts]
+    xs = [torch.randn(n, spec.dim, generator=gen) for n in counts]
+
+    def loop():
+        ins = [x.clone().requires_grad_(True) for x in xs]
+        torch.cat([f(x) for f, x in zip(ffns, ins)]).sum().backward()
+
+    def batched():
+        ins = [x.clone().requires_grad_(True) for x in xs]
+        torch.cat(batched_ffn(ffns, ins)).sum().backward()
+
+    saved = []
+
+    def forward():
+        saved.clear()
+        for f, x in zip(ffns, xs):
+            x = x.clone().requires_grad_(True)
+            saved.append((x, f(x)))
+
+    def whole_backward():
+        forward()
+        t0 = time.perf_counter()
+        for _, y in saved:
+            y.backward(torch.ones_like(y))
+        return time.perf_counter() - t0
+
+    def input_grad_first():
+        forward()
+        t0 = time.perf_counter()
+        for x, y in saved:
+            torch.autograd.grad(y, x, torch.ones_like(y))
+        return time.perf_counter() - t0
+
+    def timed(f):
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
+    runs: dict[str, list[float]] = {k: [] for k in ("loop_s", "batched_s", "backward_s",
+                                                    "input_grad_first_s")}
+    try:
+        loop(), batched()  # warm-up
+        for _ in range(repeats):
+            runs["loop_s"].append(timed(loop))
+            runs["batched_s"].append(timed(batched))
+            runs["backward_s"].append(whole_backward())
+            runs["input_grad_first_s"].append(input_grad_first())
+    finally:
+        torch.set_num_threads(before)
+    out = {k: statistics.median(v) for k, v in runs.items()}
+    return {**out, "threads": threads, "rows_per_expert": counts}

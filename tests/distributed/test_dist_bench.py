@@ -21,7 +21,7 @@ def test_bench_measures_every_target_and_writes_its_files(ray_local, synth_dir, 
         "distributed.backend": "ray", "experts.num_actors": 2, "experts.cpus_per_actor": 0.5})
     plan = BenchPlan(reference=TINY, layer_steps=1, layer_warmup=1, growth=TINY,
                      growth_tokens=(256,), growth_experts=(4,), growth_actors=(2,),
-                     model_steps=3, model_warmup=1)
+                     model_steps=3, model_warmup=1, means_repeats=1)
     r = run_bench(cfg, tmp_path / "bench", plan)
     out = tmp_path / "bench"
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(r))
@@ -56,6 +56,8 @@ def test_bench_measures_every_target_and_writes_its_files(ray_local, synth_dir, 
     d = m["data_pipeline"]
     assert d["delivered_samples_per_s"] > 0
     assert d["consumed_samples_per_s"] == pytest.approx(32 / m["ray_step_s"])
+    assert r["expert_compute"]["threads"] >= 1 and r["expert_compute"]["batched_s"] > 0
     table = (out / "results.md").read_text()
+    assert "batched matmul / loop" in table and "input gradients alone" in table
     assert "Reference MoE layer, 2 expert actors" in table and "growth" not in table.lower()[:10]
     assert Image.open(out / "growth.png").size[0] == 3 * 420
