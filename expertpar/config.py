@@ -178,6 +178,9 @@ class TrainConfig:
     eval_every: int = 100  # 0: only at the end
     checkpoint_every: int = 100  # 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    # losses (an expert actor, router, train worker or node gone, or a call past its deadline)
+    # the Ray job recovers from by itself, from the newest checkpoint that verifies
+    max_recoveries: int = 3
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the dense part runs; auto: CUDA when present
 
     def check(self) -> list[tuple[str, str]]:
@@ -189,7 +192,8 @@ class TrainConfig:
             bad.append(("lr", "must be > 0"))
         if not 0 <= self.min_lr_ratio <= 1:
             bad.append(("min_lr_ratio", "must be in [0, 1]"))
-        for key in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every"):
+        for key in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every",
+                    "max_recoveries"):
             if getattr(self, key) < 0:
                 bad.append((key, "must be >= 0"))
         for key in ("beta1", "beta2"):
@@ -279,9 +283,14 @@ class ExpertsConfig:
     # how same-node forward and backward calls travel: a Unix socket per actor (~50 us a
     # call), or Ray actor calls (~1 ms); other calls, and peers on other nodes, use Ray
     calls: Literal["socket", "ray"] = "socket"
+    # seconds a MoE call may take before its peer counts as stuck, a loss the job recovers
+    # from (train.max_recoveries); the deadline of every wait on the hot path
+    call_timeout_s: float = 600.0
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
+        if not self.call_timeout_s > 0:
+            bad.append(("call_timeout_s", "must be > 0"))
         if self.num_actors < 1:
             bad.append(("num_actors", "must be >= 1"))
         if self.num_routers < 1:

@@ -6,6 +6,7 @@ no image bytes), and every worker streams its own batches from Ray Data.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,16 +15,19 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 
 import ray
 
 from ..config import Config
-from ..distributed.actors import start_moe_actors
+from ..distributed.actors import MoEActors, start_moe_actors
 from ..distributed.data import build_index_on_ray, train_data_config, train_datasets
+from ..distributed.recovery import Recoveries, describe_loss, root_error
 from ..distributed.runtime import WorkerPayload, train_worker
-from ..train.checkpoint import latest_checkpoint
-from ..train.loop import TrainResult, nothing_to_do
+from ..train.checkpoint import latest_checkpoint, read_train_state
+from ..train.loop import RunSpec, TrainResult, nothing_to_do
 from ..train.setup import open_run, prepare_run
 
 log = logging.getLogger("expertpar")
@@ -115,9 +119,6 @@ def scaling(cfg: Config) -> dict:
 
 
 def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None) -> TrainResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     times: dict[str, float] = {}
     pool, starting = ThreadPoolExecutor(1), None
     t_setup = t = time.perf_counter()
@@ -136,50 +137,41 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         if spec.start == spec.end:
             return nothing_to_do(spec)
         times["data index and tokenizer"] = time.perf_counter() - t
-        moe, seconds = starting.result()
+        (moe, seconds), starting = starting.result(), None
         times[f"{len(moe.actors)} expert actors and the router (overlapped)"] = seconds
         run_dir = cfg.run_dir.resolve()
-        (run_dir / "ray_topology.json").write_text(json.dumps(
-            {"expert_actors": moe.infos,
-             "router": {"node_id": moe.router_node, "device": moe.router_device},
-             "routers": moe.router_infos,
-             "num_workers": cfg.distributed.num_workers},
-            indent=1, default=str))
+        _write_topology(run_dir, moe, cfg)
         times["total"] = time.perf_counter() - t_setup
         log.info("set-up %s", ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-        # Leaving the block prints every worker line still queued, before the lines below.
-        with relay_console() as console:
-            trainer = TorchTrainer(
-                train_worker,
-                train_loop_config={"payload": WorkerPayload(spec, moe.routers, console,
-                                                            log.getEffectiveLevel())},
-                datasets=train_datasets(spec.train_location, cfg, spec.tokenizer_json,
-                                        start=spec.start, end=spec.end),
-                # Each worker reads its own dataset (its slice of every global batch, in order).
-                dataset_config=train_data_config(),
-                scaling_config=ScalingConfig(**scaling(cfg)),
-                run_config=RunConfig(
-                    name=cfg.run.name, storage_path=str(run_dir / "ray_train"),
-                    checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                    # Ray Train must not restart workers on its own, not even after a preemption
-                    # (its default retries those forever): a restarted worker would replay from
-                    # the launch-time step while the actors keep their advanced state.
-                    # Only a worker group that failed to start counts against the controller's
-                    # limit (nothing has run then, so a retry is safe); a few, not forever.
-                    failure_config=FailureConfig(max_failures=0, max_preemption_failures=0,
-                                                 controller_failure_limit=3)))
-            t_fit = time.perf_counter()
+        recoveries = Recoveries(run_dir, cfg.train.max_recoveries)
+        while True:
             try:
-                result = trainer.fit()
+                result = _fit(cfg, spec, moe)
+                break
             except Exception as err:
+                loss = describe_loss(err, moe.lost_actors())
                 last = latest_checkpoint(run_dir / "checkpoints")
-                raise RuntimeError(
-                    f"training failed: {moe.failure_summary()}. The last good checkpoint is "
-                    f"{last or 'none'}; run the same command again to resume from it.") from err
-        log.info("training finished in %.1fs", time.perf_counter() - t_fit)
+                if loss is None:  # not a loss: a bug or bad data would fail the same way again
+                    raise RuntimeError(
+                        f"training failed: {root_error(err)}. The last good checkpoint is "
+                        f"{last or 'none'}; run the same command again to resume from it."
+                    ) from err
+                # Whatever is left of the MoE side holds state past the checkpoint: it goes,
+                # and every owner restores from the newest checkpoint that verifies.
+                moe.shutdown()
+                moe = None
+                spec = resume_spec(spec, last)
+                recoveries.add(loss, last, spec.start)
+                t = time.perf_counter()
+                moe = start_moe_actors(cfg, str(last) if last else None)
+                _write_topology(run_dir, moe, cfg)
+                log.info("%d expert actors and the router restarted in %.1fs", len(moe.actors),
+                         time.perf_counter() - t)
+        recoveries.finish()
         final = result.metrics or {}
         return TrainResult(run_dir, spec.end, final.get("loss/total", float("nan")),
-                           final.get("eval", {}), final.get("losses", []))
+                           final.get("eval", {}), final.get("losses", []),
+                           recoveries=[asdict(r) for r in recoveries.done])
     finally:
         try:
             if moe is None and starting is not None and starting.exception() is None:
@@ -190,6 +182,56 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         finally:
             if started:
                 ray.shutdown()
+
+
+def _fit(cfg: Config, spec: RunSpec, moe: MoEActors):
+    """One Ray Train run of the steps ``spec`` names, on the workers' data streams."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(spec.run_dir)
+    # Leaving the block prints every worker line still queued, before the lines below.
+    with relay_console() as console:
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"payload": WorkerPayload(spec, moe.routers, console,
+                                                        log.getEffectiveLevel())},
+            datasets=train_datasets(spec.train_location, cfg, spec.tokenizer_json,
+                                    start=spec.start, end=spec.end),
+            # Each worker reads its own dataset (its slice of every global batch, in order).
+            dataset_config=train_data_config(),
+            scaling_config=ScalingConfig(**scaling(cfg)),
+            run_config=RunConfig(
+                name=cfg.run.name, storage_path=str(run_dir / "ray_train"),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                # Ray Train must not restart workers on its own, not even after a preemption
+                # (its default retries those forever): a restarted worker would replay from
+                # the launch-time step while the actors keep their advanced state. Every
+                # restart goes through train_ray's recovery, which restores every owner.
+                # Only a worker group that failed to start counts against the controller's
+                # limit (nothing has run then, so a retry is safe); a few, not forever.
+                failure_config=FailureConfig(max_failures=0, max_preemption_failures=0,
+                                             controller_failure_limit=3)))
+        t_fit = time.perf_counter()
+        result = trainer.fit()
+    log.info("training finished in %.1fs", time.perf_counter() - t_fit)
+    return result
+
+
+def resume_spec(spec: RunSpec, checkpoint: Path | None) -> RunSpec:
+    """The same run's remaining steps, from ``checkpoint`` (None: from the start)."""
+    start = read_train_state(checkpoint)["step"] if checkpoint else 0
+    return dataclasses.replace(spec, start=start,
+                               resume_from=str(checkpoint) if checkpoint else None)
+
+
+def _write_topology(run_dir: Path, moe: MoEActors, cfg: Config) -> None:
+    (run_dir / "ray_topology.json").write_text(json.dumps(
+        {"expert_actors": moe.infos,
+         "router": {"node_id": moe.router_node, "device": moe.router_device},
+         "routers": moe.router_infos,
+         "num_workers": cfg.distributed.num_workers},
+        indent=1, default=str))
 
 
 def _timed(fn, *args):

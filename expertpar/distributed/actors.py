@@ -41,19 +41,21 @@ class MoEActors:
         """Router 0, which speaks for every router and expert actor."""
         return self.routers[0]
 
-    def failure_summary(self, timeout_s: float = 10.0) -> str:
-        """Which MoE actors are gone (after a failed job), in words."""
-        dead = []
+    def lost_actors(self, timeout_s: float = 10.0) -> list[str]:
+        """The MoE actors that are gone or do not answer, in words (after a failed step)."""
         routers = [("router", self.router, "the gates")] if len(self.routers) == 1 else [
             (f"router {r}", h, f"the gates of group {r}") for r, h in enumerate(self.routers)]
-        for name, handle, what in [*routers,
-                                   *[(f"expert actor {a}", h, f"experts {self.hosts[a]}")
-                                     for a, h in enumerate(self.actors)]]:
+        named = [*routers, *[(f"expert actor {a}", h, f"experts {self.hosts[a]}")
+                             for a, h in enumerate(self.actors)]]
+        refs = [h.__ray_ready__.remote() for _, h, _ in named]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        lost = []
+        for (name, _, what), ref in zip(named, refs):
             try:
-                ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
-            except Exception:  # dead, or not answering: either way it is the culprit
-                dead.append(f"{name} (hosting {what}) died")
-        return "; ".join(dead) if dead else "a train worker failed (see its error above)"
+                ray.get(ref, timeout=0)
+            except Exception:  # dead, or not answering: either way it is lost  # noqa: BLE001
+                lost.append(f"{name} (hosting {what})")
+        return lost
 
     def shutdown(self) -> None:
         handles = [*self.routers, *self.actors]
@@ -131,7 +133,8 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
         ).remote(cfg.model.dim, cfg.model.moe, cfg.train, L, cfg.run.seed, actors,
                  owner_table(hosts), checkpoint, ex.shared_memory, ex.router_threads, ex.calls,
                  index=r, num_routers=R, lead=routers[0] if r else None,
-                 routers_here=routers_on[bundle_nodes[r % A]], transport=ex.transport))
+                 routers_here=routers_on[bundle_nodes[r % A]], transport=ex.transport,
+                 timeout_s=ex.call_timeout_s))
     router = routers[0]
     moe = MoEActors(routers, actors, hosts, pg, [])
     try:

@@ -52,11 +52,16 @@ class RayBackend:
         self.calls_made: Counter = Counter()  # this worker's calls to expert actors (bench)
         # Forward and backward go through a socket to a router (or expert actor) on this node.
         node, serves = self.links.node, info["serves_calls"]
-        self.calls = peer_for(self.router, "the router", self.router_address, serves, node)
+        # The router may wait a deadline for the other workers and another for the expert
+        # actors before it answers: the worker waits for both, so the router names the culprit.
+        self.timeout_s = info["call_timeout_s"]
+        self.calls = peer_for(self.router, "the router", self.router_address, serves, node,
+                              2 * self.timeout_s + 30)
         self.transport = info["transport"]
         self.experts: dict[int, RemoteExperts] = {}
         if self.transport == "direct":
-            peers = [(address, peer_for(handle, f"expert actor {a}", address, serves, node))
+            peers = [(address, peer_for(handle, f"expert actor {a}", address, serves, node,
+                                        self.timeout_s))
                      for a, (handle, address) in enumerate(zip(info["actors"],
                                                                info["actor_addresses"]))]
             lock = threading.Lock()  # one fan-out at a time through this worker's outboxes

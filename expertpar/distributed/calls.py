@@ -28,12 +28,17 @@ from pathlib import Path
 
 import ray
 
-CALL_TIMEOUT_S = 900.0  # a backstop for a peer that is alive but stuck (the router waits 600 s)
+CALL_TIMEOUT_S = 600.0  # the default deadline of a call (experts.call_timeout_s)
 _HEADER = struct.Struct("!Q")
 
 
 class PeerLost(RuntimeError):
-    """The called process is gone (its socket closed, or Ray says the actor died)."""
+    """The called process is gone (its socket closed, or Ray says the actor died), or it is
+    stuck: either way the job has lost it, and recovers (app/recovery.py)."""
+
+
+class PeerStuck(PeerLost):
+    """The called process is alive but did not answer within the call's deadline."""
 
 
 class RemoteError(RuntimeError):
@@ -137,7 +142,10 @@ class CallServer:
                         raise AttributeError(f"{method!r} is not served on this socket")
                     reply = (True, getattr(self.target, method)(*args, **kwargs))
                 except BaseException as err:  # the caller must hear of it, whatever it is
-                    reply = (False, f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+                    # A loss seen here (this process lost one of its peers) stays a loss for
+                    # the caller: recovery tells losses from bugs by it.
+                    reply = (False, (isinstance(err, PeerLost),
+                                     f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
                 _send(conn, reply)
         except OSError:
             return  # the caller went away mid-call; nothing to answer
@@ -166,10 +174,12 @@ class Peer:
     caller can have several peers compute at once; one request per peer at a time.
     """
 
-    def __init__(self, handle, name: str, link_id: str | None = None):
+    def __init__(self, handle, name: str, link_id: str | None = None,
+                 timeout_s: float = CALL_TIMEOUT_S):
         self.handle = handle
         self.name = name
         self.link_id = link_id
+        self.timeout_s = timeout_s
         self._conn: socket.socket | None = None
         self._lock = threading.Lock()  # held from a request until its reply is read
 
@@ -182,7 +192,8 @@ class Peer:
 
     def request(self, method: str, *args, **kwargs) -> Pending:
         if not self.via_socket:
-            return Pending(self, method, ref=getattr(self.handle, method).remote(*args, **kwargs))
+            return Pending(self, method, ref=getattr(self.handle, method).remote(*args, **kwargs),
+                           timeout_s=self.timeout_s)
         self._lock.acquire()
         try:
             conn = self._connected()
@@ -193,13 +204,13 @@ class Peer:
             if isinstance(err, OSError):
                 raise PeerLost(f"{self.name} is unreachable ({method}): {err}") from err
             raise
-        return Pending(self, method, conn=conn)
+        return Pending(self, method, conn=conn, timeout_s=self.timeout_s)
 
     def _connected(self) -> socket.socket:
         if self._conn is None:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                conn.settimeout(CALL_TIMEOUT_S)
+                conn.settimeout(self.timeout_s)
                 conn.connect(socket_name(self.link_id))
             except BaseException:
                 conn.close()
@@ -218,24 +229,33 @@ class Peer:
             self._drop()
 
 
-def peer_for(handle, name: str, address: tuple, serves: bool, here: str) -> Peer:
+def peer_for(handle, name: str, address: tuple, serves: bool, here: str,
+             timeout_s: float = CALL_TIMEOUT_S) -> Peer:
     """The way to call the process at link ``address`` (id, node, GPU) from node ``here``:
     its socket when it ``serves`` one on this node, else Ray."""
-    return Peer(handle, name, address[0] if serves and address[1] == here else None)
+    return Peer(handle, name, address[0] if serves and address[1] == here else None, timeout_s)
 
 
 class Pending:
     """A request in flight; ``result`` returns its reply or raises what the peer raised,
-    ``PeerLost`` when the peer died, ``TimeoutError`` after ``CALL_TIMEOUT_S``."""
+    ``PeerLost`` when the peer died, ``PeerStuck`` when it did not answer by the deadline."""
 
-    def __init__(self, peer: Peer, method: str, ref=None, conn: socket.socket | None = None):
+    def __init__(self, peer: Peer, method: str, ref=None, conn: socket.socket | None = None,
+                 timeout_s: float = CALL_TIMEOUT_S):
         self.peer, self.method, self.ref, self.conn = peer, method, ref, conn
+        self.timeout_s = timeout_s
+
+    def _stuck(self) -> PeerStuck:
+        return PeerStuck(f"{self.peer.name} did not answer {self.method} within "
+                         f"{self.timeout_s:g}s (experts.call_timeout_s)")
 
     def result(self):
         peer = self.peer
         if self.conn is None:
             try:
-                return ray.get(self.ref)
+                return ray.get(self.ref, timeout=self.timeout_s)
+            except ray.exceptions.GetTimeoutError as err:
+                raise self._stuck() from err
             except ray.exceptions.RayActorError as err:
                 raise PeerLost(f"{peer.name} died during {self.method}: "
                                f"{type(err).__name__}") from err
@@ -246,8 +266,7 @@ class Pending:
                 raise PeerLost(f"{peer.name} died during {self.method} (its socket closed)")
         except socket.timeout as err:
             peer._drop()
-            raise TimeoutError(f"{peer.name} did not answer {self.method} within "
-                               f"{CALL_TIMEOUT_S:.0f}s") from err
+            raise self._stuck() from err
         except (OSError, EOFError) as err:
             peer._drop()
             raise PeerLost(f"{peer.name} died during {self.method}: {err!r}") from err
@@ -258,8 +277,24 @@ class Pending:
             peer._lock.release()
         ok, value = reply
         if not ok:
-            raise RemoteError(f"{peer.name} failed in {self.method}: {value}")
+            lost, text = value
+            if lost:  # what the peer lost names the culprit; its traceback adds nothing
+                what = text.splitlines()[0].split(": ", 1)[-1]
+                raise PeerLost(f"{what} (reported by {peer.name}, in {self.method})")
+            raise RemoteError(f"{peer.name} failed in {self.method}: {text}")
         return value
+
+
+def wait_for(refs, what: str, timeout_s: float = CALL_TIMEOUT_S):
+    """``ray.get`` with a deadline, for the calls a step waits on: a dead actor raises
+    ``PeerLost`` and one that does not answer in time ``PeerStuck``, both naming ``what``."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as err:
+        raise PeerStuck(f"{what}: no answer within {timeout_s:g}s (experts.call_timeout_s)"
+                        ) from err
+    except ray.exceptions.RayActorError as err:
+        raise PeerLost(f"{what}: an actor died ({type(err).__name__}: {err})") from err
 
 
 def results(pendings: dict) -> tuple[dict, tuple | None]:

@@ -70,8 +70,8 @@ class RemoteExperts(ExpertBackend):
                 if isinstance(err, PeerLost):
                     hosted = sorted(e for (l, e), owner in self.owner.items()
                                     if owner == a and l == self.layer)
-                    raise PeerLost(f"{err} (MoE layer {self.layer}, experts {hosted}); resume "
-                                   f"from the last checkpoint") from err
+                    raise type(err)(f"{err} (MoE layer {self.layer}, experts {hosted})"
+                                    ) from err
                 raise err
             got: dict[int, torch.Tensor] = {}
             norms, busy = [], 0.0

@@ -29,13 +29,11 @@ from ..moe.layer import GroupRouting, MoELayer, RouteContext
 from ..train.checkpoint import read_shards
 from ..train.names import ROUTER_FILE, gate_entries
 from ..train.owners import ParameterOwner, grad_norms_of
-from .calls import CallServer, Peer, peer_for, results
+from .calls import (CALL_TIMEOUT_S, CallServer, Peer, PeerLost, PeerStuck, peer_for, results,
+                    wait_for)
 from .expert_actor import actor_device
 from .remote_experts import RemoteExperts
 from .wire import Address, Links
-
-GATHER_TIMEOUT_S = 600.0
-
 
 @dataclass
 class _Gather:
@@ -52,7 +50,8 @@ class RouterActor:
                  actors: list, owner: dict[tuple[int, int], int], checkpoint: str | None = None,
                  shared_memory: bool = True, threads: int | None = None,
                  calls: str = "socket", index: int = 0, num_routers: int = 1,
-                 lead=None, routers_here: int = 1, transport: str = "router"):
+                 lead=None, routers_here: int = 1, transport: str = "router",
+                 timeout_s: float = CALL_TIMEOUT_S):
         # The router gates, dispatches and combines every token while the workers wait and the
         # experts idle: it may use the node's cores (router_threads), not Ray's 1-CPU default;
         # routers on one node (routers_here) gate at once, for different groups, and share them.
@@ -71,6 +70,9 @@ class RouterActor:
         # router 0 (``lead`` for the others) is where the groups meet, and it speaks for
         # all routers and every expert actor in the step, gradients and checkpoints.
         self.index, self.num_routers = index, num_routers
+        # The deadline of every wait here (experts.call_timeout_s): a stuck peer becomes a
+        # loss the job recovers from, not a hang.
+        self.timeout_s = timeout_s
         self.lead = lead
         self.others: list = []  # router 0: the other routers (set_routers)
         self._lead_peer: Peer | None = None
@@ -108,7 +110,7 @@ class RouterActor:
         the transport (with "direct", the expert actors the worker calls itself)."""
         out = {"address": self.links.address, "shared_memory": self.links.shared_memory,
                "device": str(self.device), "serves_calls": self.server is not None,
-               "transport": self.transport}
+               "transport": self.transport, "call_timeout_s": self.timeout_s}
         if self.transport == "direct":
             out["actors"] = self.actors
             out["owner"] = self.experts_owner
@@ -134,7 +136,8 @@ class RouterActor:
             for a, (address, serves) in enumerate(ray.get([h.address.remote()
                                                            for h in self.actors])):
                 peers.append((address, peer_for(self.actors[a], f"expert actor {a}", address,
-                                                self.socket_calls and serves, self.links.node)))
+                                                self.socket_calls and serves, self.links.node,
+                                                self.timeout_s)))
             self._peers = peers
         return self._peers
 
@@ -179,12 +182,18 @@ class RouterActor:
                 with self.lock:
                     self.gathers.pop(tag, None)
                 g.done.set()
-        elif not g.done.wait(GATHER_TIMEOUT_S):
+        elif not g.done.wait(self.timeout_s) and not (
+                # Every worker came, and the last one is computing for all: its calls to the
+                # expert actors have deadlines of their own, and their error names the culprit.
+                len(g.parts) == g.size and g.done.wait(2 * self.timeout_s)):
             with self.lock:
                 self.gathers.pop(tag, None)
-            raise TimeoutError(f"router: waited {GATHER_TIMEOUT_S:.0f}s for all {size} workers "
-                               f"at {tag}; got ranks {sorted(g.parts)}")
+            raise PeerStuck(f"router: waited {self.timeout_s:g}s for all {size} workers at {tag}"
+                            f"; got ranks {sorted(g.parts)} (experts.call_timeout_s)")
         if g.error is not None:
+            # A lost peer stays a loss for every worker waiting here (the job recovers).
+            if isinstance(g.error, PeerLost):
+                raise PeerLost(str(g.error)) from g.error
             raise RuntimeError(f"router failed at {tag}: {g.error!r}") from g.error
         return g.result[rank]
 
@@ -194,11 +203,12 @@ class RouterActor:
             return
         with self.stepped:
             ok = self.stepped.wait_for(lambda: self.step_error is not None or (
-                self.applied is not None and self.applied >= step), GATHER_TIMEOUT_S)
+                self.applied is not None and self.applied >= step), self.timeout_s)
         if self.step_error is not None:
-            raise RuntimeError(f"router: optimizer step failed: {self.step_error!r}")
+            kind = PeerLost if isinstance(self.step_error, PeerLost) else RuntimeError
+            raise kind(f"router: optimizer step failed: {self.step_error}")
         if not ok:
-            raise TimeoutError(f"router: waited {GATHER_TIMEOUT_S:.0f}s for optimizer step "
+            raise PeerStuck(f"router: waited {self.timeout_s:g}s for optimizer step "
                                f"{step}; the last applied is {self.applied}")
 
     # ----------------------------------------------------------------- forward / backward
@@ -380,7 +390,8 @@ class RouterActor:
             norms = None
             if tag[0] == "grads":
                 self._count("router->expert/grad_norms", len(self.actors))
-                norms = torch.cat(ray.get([a.grad_norms.remote(-1) for a in self.actors]))
+                norms = torch.cat(wait_for([a.grad_norms.remote(-1) for a in self.actors],
+                                           "expert gradient norms", self.timeout_s))
             return [(parts, norms)] * self.num_routers
         return self._rendezvous(tag, group, self.num_routers, part, everyone)
 
@@ -388,10 +399,10 @@ class RouterActor:
         if self.index == 0:
             return self.share(tag, 0, part)
         if self._lead_peer is None:
-            lead = ray.get(self.lead.address.remote())
+            lead = wait_for(self.lead.address.remote(), "router 0", self.timeout_s)
             self._lead_peer = peer_for(self.lead, "router 0", lead["address"],
                                        self.socket_calls and lead["serves_calls"],
-                                       self.links.node)
+                                       self.links.node, self.timeout_s)
         self._count("router->router/share")
         return self._lead_peer.call("share", tag, self.index, part)
 
@@ -416,7 +427,8 @@ class RouterActor:
             if self.norms is not None and self.norms[0] == step:
                 return self.norms[1]
             self.calls["router->expert/grad_norms"] += len(self.actors)
-            remote = ray.get([a.grad_norms.remote(step) for a in self.actors])
+            remote = wait_for([a.grad_norms.remote(step) for a in self.actors],
+                              "expert gradient norms", self.timeout_s)
             self.norms = (step, torch.cat([self.owner.grad_norms(step), *remote]))
             return self.norms[1]
 
@@ -432,7 +444,7 @@ class RouterActor:
                 refs += [r.step.remote(step, lr, clip_coef) for r in self.others]
             self.owner.step(lr, clip_coef)
             self.saved.clear()
-            ray.get(refs)
+            wait_for(refs, f"optimizer step {step} of the expert actors", self.timeout_s)
         except BaseException as err:
             with self.stepped:
                 self.step_error = err
@@ -447,19 +459,22 @@ class RouterActor:
         will not be taken, e.g. after a failed worker)."""
         self.owner.zero_grad()
         self.saved.clear()
-        ray.get([h.zero_grad.remote() for h in [*self.actors, *self.others]])
+        wait_for([h.zero_grad.remote() for h in [*self.actors, *self.others]], "zero_grad",
+                 self.timeout_s)
 
     def grads(self) -> dict[str, torch.Tensor]:
         """Every gate and expert gradient by slot name, for parity tests."""
         out = self.owner.grads()
-        for part in ray.get([a.grads.remote() for a in self.actors]):
+        for part in wait_for([a.grads.remote() for a in self.actors], "expert gradients",
+                             self.timeout_s):
             out.update(part)
         return out
 
     def export(self) -> dict[str, dict[str, torch.Tensor]]:
         """The whole MoE side of a checkpoint: router.safetensors and every expert shard."""
         out = self.owner.export()
-        for part in ray.get([a.export.remote() for a in self.actors]):
+        for part in wait_for([a.export.remote() for a in self.actors], "expert checkpoint shards",
+                             self.timeout_s):
             out.update(part)
         return out
 

@@ -26,6 +26,7 @@ from ..train.names import DENSE_FILE
 from ..train.setup import model_for_tokenizer, pick_device
 from ..train.step import SingleProcess, TorchDistributed
 from .bridge import RayBackend
+from .calls import wait_for
 from .data import dataset_name, iter_worker_batches
 
 log = logging.getLogger("expertpar")
@@ -52,13 +53,19 @@ class RemoteOwner:
         self.backend = backend
         self.router = backend.router
         self.lead = lead
+        # The router waits on the expert actors within its own deadline; this one is longer,
+        # so the router's error, which names the culprit, arrives first.
+        self.deadline_s = 2 * backend.timeout_s + 30
         self._step: int | None = None  # the step whose norms were taken last
         self._pending = None  # the lead's step call in flight
 
     def grad_norms(self, step: int) -> torch.Tensor:
         self._step = step
         norms = self.backend.take_norms(step)
-        return norms if norms is not None else ray.get(self.router.grad_norms.remote(step))
+        if norms is not None:
+            return norms
+        return wait_for(self.router.grad_norms.remote(step), "the router's gradient norms",
+                        self.deadline_s)
 
     def step(self, lr: float, clip_coef: float) -> None:
         self.settle()  # the previous step's failure surfaces here, not silently
@@ -72,15 +79,16 @@ class RemoteOwner:
         """Wait for the step in flight (before reading or dropping MoE state)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            ray.get(pending)
+            wait_for(pending, "the router's optimizer step", self.deadline_s)
 
     def zero_grad(self) -> None:
         self.settle()
-        ray.get(self.router.zero_grad.remote())
+        wait_for(self.router.zero_grad.remote(), "the router's zero_grad", self.deadline_s)
 
     def export(self) -> dict[str, dict[str, torch.Tensor]]:
         self.settle()
-        return ray.get(self.router.export.remote())
+        return wait_for(self.router.export.remote(), "the router's checkpoint export",
+                        self.deadline_s)
 
 
 class RayRuntime:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -54,7 +54,9 @@ class TrainResult:
     steps_done: int
     final_loss: float
     eval: dict[str, float]
-    losses: list[float]  # loss per step run in this call, for tests and reports
+    losses: list[float]  # loss per step of this call's last attempt, for tests and reports
+    # each loss the Ray job recovered from (distributed/recovery.py's Recovery, as a dict)
+    recoveries: list[dict] = field(default_factory=list)
 
 
 class Runtime(Protocol):
@@ -110,6 +112,9 @@ def run(spec: RunSpec, rt: Runtime) -> TrainResult:
 
         done = step + 1
         metrics = out.metrics
+        if lead and done == spec.start + 1:
+            # When the run (or a resumed one) got going: a recovery's time is measured to it.
+            metrics_log.write({"step": done, "event": "first_step", "time/unix": time.time()})
         if done % tc.log_every == 0 or done == spec.end:
             for L, s in sorted(out.stats.items()):
                 metrics.update(s.summary(f"moe{L}"))

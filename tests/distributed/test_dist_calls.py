@@ -12,7 +12,8 @@ import uuid
 
 import pytest
 
-from expertpar.distributed.calls import CallServer, Peer, PeerLost, RemoteError, results
+from expertpar.distributed.calls import (CallServer, Peer, PeerLost, PeerStuck, RemoteError,
+                                         results)
 
 
 class Echo:
@@ -30,6 +31,9 @@ class Echo:
     def fail(self):
         raise ValueError("bad rows in layer 3")
 
+    def lose(self):
+        raise PeerLost("expert actor 3 died during forward")
+
     def secret(self):
         return "not served"
 
@@ -37,7 +41,7 @@ class Echo:
 @pytest.fixture
 def served():
     target, link = Echo(), uuid.uuid4().hex[:12]
-    server = CallServer(target, link, {"forward", "backward", "fail"})
+    server = CallServer(target, link, {"forward", "backward", "fail", "lose"})
     yield target, link
     server.close()
 
@@ -73,6 +77,25 @@ def test_what_the_method_raised_reaches_the_caller_with_its_traceback(served):
         peer.call("fail")
     assert "Traceback" in str(err.value)
     assert peer.call("forward", (1,)) == [1]  # the connection still works after an error
+
+
+def test_a_loss_the_server_met_stays_a_loss_for_the_caller(served):
+    # The router lost an expert actor: the worker calling the router must see a loss (which
+    # the job recovers from), not a bug (which it does not).
+    _, link = served
+    with pytest.raises(PeerLost, match=r"^expert actor 3 died during forward \(reported by "
+                                       r"the router, in lose\)$"):
+        Peer(None, "the router", link).call("lose")
+
+
+def test_a_peer_that_does_not_answer_by_the_deadline_is_stuck(served):
+    _, link = served
+    peer = Peer(None, "expert actor 2", link, timeout_s=0.3)
+    t0 = time.perf_counter()
+    with pytest.raises(PeerStuck, match="expert actor 2 did not answer backward within 0.3s"):
+        peer.call("backward", 5)
+    assert time.perf_counter() - t0 < 3
+    assert isinstance(PeerStuck("x"), PeerLost)  # a stuck peer is a loss
 
 
 def test_a_method_not_served_is_refused(served):
