@@ -181,11 +181,15 @@ class TrainConfig:
     # losses (an expert actor, router, train worker or node gone, or a call past its deadline)
     # the Ray job recovers from by itself, from the newest checkpoint that verifies
     max_recoveries: int = 3
+    # steps in a row with a NaN or inf loss or gradient (each is skipped everywhere) before
+    # the job stops, keeping the checkpoint from before the first of them
+    max_skipped_in_a_row: int = 5
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the dense part runs; auto: CUDA when present
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
-        for key in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+        for key in ("steps", "batch_size", "log_every", "keep_checkpoints",
+                    "max_skipped_in_a_row"):
             if getattr(self, key) < 1:
                 bad.append((key, "must be >= 1"))
         if not self.lr > 0:

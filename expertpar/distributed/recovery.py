@@ -89,9 +89,14 @@ def describe_loss(err: BaseException, lost_actors: list[str]) -> str | None:
 def root_error(err: BaseException) -> str:
     """A worker's own exception inside ``err``, in one line (else ``err``'s first line)."""
     for _, e in _causes(err):
-        base = getattr(e, "_base_exc", None)  # Ray Train's wrapper of a worker's exception
-        if isinstance(base, BaseException):
-            return f"{type(base).__name__}: {_first_line(base)}"
+        failures = getattr(e, "worker_failures", None) or {}  # Ray Train's, by rank
+        candidates = [failures[r] for r in sorted(failures)]
+        if hasattr(e, "_base_exc"):  # Ray Train's wrapper of a worker's exception
+            candidates.append(e._base_exc)
+        for inner in candidates:
+            inner = getattr(inner, "_base_exc", inner)
+            if isinstance(inner, BaseException):
+                return f"{type(inner).__name__}: {_first_line(inner)}"
     return f"{type(err).__name__}: {_first_line(err)}"
 
 

@@ -75,6 +75,14 @@ class RemoteOwner:
             self._pending = self.router.step.remote(self._step, lr, clip_coef)
         self.backend.stepped = self._step
 
+    def skip(self) -> None:
+        """Drop this step's gate and expert gradients everywhere, no update (a non-finite
+        step). The lead tells the router and waits: every worker's next forward meets the
+        lead's at the router, so none reaches an actor before the gradients are gone."""
+        self.settle()
+        if self.lead:
+            wait_for(self.router.zero_grad.remote(), "the router's zero_grad", self.deadline_s)
+
     def settle(self) -> None:
         """Wait for the step in flight (before reading or dropping MoE state)."""
         if self._pending is not None:

@@ -93,6 +93,9 @@ def run(spec: RunSpec, rt: Runtime) -> TrainResult:
     model, device = rt.model, rt.device
 
     losses, eval_metrics, loss = [], {}, float("nan")
+    # Non-finite steps: skipped ones in a row (and the first of them), and in all.
+    bad, first_bad, skipped = 0, None, 0
+    last_checkpoint = spec.resume_from
     t_begin, tokens_seen = time.perf_counter(), 0
     t0 = time.perf_counter()
     for batch in rt.batches(spec.start, spec.end):
@@ -112,6 +115,22 @@ def run(spec: RunSpec, rt: Runtime) -> TrainResult:
 
         done = step + 1
         metrics = out.metrics
+        if out.skipped:
+            bad, skipped = bad + 1, skipped + 1
+            first_bad = done if bad == 1 else first_bad
+            log.warning("step %d: the loss or a gradient is NaN or inf (loss %s, gradient norm "
+                        "%s): skipped, no parameter or optimizer state changed (%d in a row)",
+                        done, loss, metrics["optim/grad_norm"], bad)
+            if bad >= tc.max_skipped_in_a_row:
+                raise NonFiniteSteps(
+                    f"steps {first_bad}..{done}: {bad} in a row had a NaN or inf loss or "
+                    f"gradient (train.max_skipped_in_a_row={tc.max_skipped_in_a_row}); every "
+                    f"one was skipped. The checkpoint from before the first of them is "
+                    f"{last_checkpoint or 'none (the run had not written one)'}; lower "
+                    f"train.lr or raise train.grad_clip, or look at the data of those steps")
+        else:
+            bad = 0
+        metrics["optim/skipped_total"] = skipped
         if lead and done == spec.start + 1:
             # When the run (or a resumed one) got going: a recovery's time is measured to it.
             metrics_log.write({"step": done, "event": "first_step", "time/unix": time.time()})
@@ -137,7 +156,11 @@ def run(spec: RunSpec, rt: Runtime) -> TrainResult:
             rt.comm.barrier()  # the others wait here, not in the router's rendezvous
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done in (spec.end,
                                                                                  tc.steps):
-            path = save(spec, done, rt.owners) if lead else None
+            # Not in a run of skipped steps (but at the end): the checkpoint from before it
+            # must stay (pruning would take it), and a skipped step changed nothing.
+            keep = not bad or done in (spec.end, tc.steps)
+            path = save(spec, done, rt.owners) if lead and keep else None
+            last_checkpoint = path or last_checkpoint
             report = {"step": done, "loss/total": loss, **metrics}
             if done == spec.end:
                 report.update({"losses": losses, "eval": eval_metrics})
@@ -147,6 +170,10 @@ def run(spec: RunSpec, rt: Runtime) -> TrainResult:
         raise RuntimeError(f"the data stream ended after {len(losses)} of the steps "
                            f"{spec.start}..{spec.end - 1}; the last checkpoint is the run's state")
     return TrainResult(run_dir, spec.end, loss, eval_metrics, losses)
+
+
+class NonFiniteSteps(RuntimeError):
+    """Too many steps in a row had a NaN or inf loss or gradient (train.max_skipped_in_a_row)."""
 
 
 def nothing_to_do(spec: RunSpec) -> TrainResult:

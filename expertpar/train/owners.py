@@ -36,6 +36,9 @@ class Owner(Protocol):
     def zero_grad(self) -> None:
         ...
 
+    def skip(self) -> None:  # drop this step's gradients: no update, no optimizer state change
+        ...
+
     def export(self) -> Shards:  # parameters, optimizer state and buffers by checkpoint slot
         ...
 
@@ -67,6 +70,9 @@ class ParameterOwner:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def skip(self) -> None:
+        self.zero_grad()
 
     def grads(self) -> dict[str, torch.Tensor]:
         """Gradients by slot name ("file:key"), for parity tests."""

@@ -9,6 +9,7 @@ no-ops; on Ray the dense parameters are owned here and the gates and experts by 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,6 +86,7 @@ def clip_coefficient(norms: torch.Tensor, max_norm: float) -> tuple[float, float
 class StepResult:
     metrics: dict[str, float]
     stats: dict[int, RoutingStats]  # MoE layer -> routing statistics of this step
+    skipped: bool = False  # a non-finite loss or gradient: no owner stepped
 
 
 def train_step(model, batch: Batch, ctx: RouteContext, owners: list[Owner], comm: Collective,
@@ -105,12 +107,19 @@ def train_step(model, batch: Batch, ctx: RouteContext, owners: list[Owner], comm
         comm.all_reduce_sum_([p.grad for p in local.parameters if p.grad is not None])
     norm, coef = clip_coefficient(torch.cat([o.grad_norms(ctx.step) for o in owners]),
                                   grad_clip)
+    total = loss_clip.item() + enc.aux_loss.item()
+    # A NaN or inf in the loss or any gradient (the norm is global: every worker sees the same)
+    # skips the step everywhere: dense, gates and experts keep their weights and AdamW state.
+    finite = math.isfinite(norm) and math.isfinite(total)
     for owner in owners:
-        owner.step(lr, coef)  # a remote owner's step may still run: its next call waits for it
+        if finite:
+            owner.step(lr, coef)  # a remote owner's step may still run: its next call waits
+        else:
+            owner.skip()
     with torch.no_grad():  # CLIP: the learned temperature may not sharpen past 1/100
         model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
-    metrics = {"loss/total": loss_clip.item() + enc.aux_loss.item(),
+    metrics = {"loss/total": total,
                "loss/clip": loss_clip.item(), "loss/aux": enc.aux_loss.item(),
                "optim/grad_norm": norm, "model/logit_scale": model.logit_scale.exp().item()}
     metrics.update({f"aux/{k}": float(v) for k, v in enc.aux.items()})
-    return StepResult(metrics, enc.stats)
+    return StepResult(metrics, enc.stats, skipped=not finite)

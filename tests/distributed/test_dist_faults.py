@@ -241,3 +241,28 @@ def test_past_max_recoveries_the_run_stops_naming_every_loss_and_a_rerun_resumes
     # The re-run resumed there (a call of its own: no recovery booked) and finished the run.
     assert recovered["rerun"].recoveries == []
     assert len(recovered["rerun"].losses) == STEPS - resumed_at
+
+
+def test_nan_steps_on_ray_are_skipped_by_every_owner_and_stop_the_run_not_recovered(
+        ray_local, synth_dir, tmp_path):
+    # A learning rate of 1e30 makes the first update blow the weights up: from step 2 on every
+    # loss is NaN or inf. Each such step is skipped by the dense part, the router and the
+    # expert actors alike (no worker waits for an optimizer step that never comes), and the
+    # third in a row stops the run: a bug-like error, not a loss, so nothing is restarted.
+    cfg = tiny_config(synth_dir, tmp_path, **{
+        "distributed.backend": "ray", "experts.num_actors": 2, "experts.cpus_per_actor": 0.5,
+        "train.lr": 1e30, "train.warmup_steps": 0, "train.checkpoint_every": 1,
+        "train.max_skipped_in_a_row": 3, "train.log_every": 1})
+    started = time.time()
+    with pytest.raises(RuntimeError) as err:
+        train(cfg)
+    assert time.time() - started < 200
+    message = str(err.value)
+    assert "NonFiniteSteps: steps 2..4: 3 in a row had a NaN or inf loss or gradient" in message
+    ckpt = latest_checkpoint(cfg.run_dir / "checkpoints")
+    assert read_train_state(ckpt)["step"] == 1  # steps 2..4 wrote none
+    assert f"The last good checkpoint is {ckpt}" in message
+    assert not (cfg.run_dir / "recoveries.json").exists()
+    skipped = [m["optim/skipped_total"] for m in read_metrics(cfg.run_dir / "metrics.jsonl")
+               if "loss/total" in m]
+    assert skipped == [0, 1, 2]  # steps 1..3 logged; step 4 stopped the run

@@ -18,8 +18,10 @@ def _from_workers(**by_rank) -> WorkerGroupError:
     return WorkerGroupError("boom", {int(k[1:]): v for k, v in by_rank.items()})
 
 
-def _user(exc: BaseException) -> UserExceptionWithTraceback:
-    return UserExceptionWithTraceback(exc, f"Traceback (most recent call last):\n{exc!r}")
+def _user(exc: BaseException) -> BaseException:
+    """A worker's exception as Ray Train 2.60 hands it over: itself (it unwraps its own
+    UserExceptionWithTraceback); the wrapper is kept in one case, should that change."""
+    return exc
 
 
 def test_dead_moe_actors_name_the_loss_before_any_workers_symptom():
@@ -52,6 +54,10 @@ def test_a_bug_or_bad_data_is_not_a_loss_and_is_named_in_one_line():
     err = _from_workers(r0=_user(ValueError("sample 17 of shard-3.tar: bad caption")))
     assert describe_loss(err, []) is None
     assert root_error(err) == "ValueError: sample 17 of shard-3.tar: bad caption"
+    wrapped = _from_workers(r1=UserExceptionWithTraceback(ValueError("bad"), "Traceback ..."))
+    assert root_error(wrapped) == "ValueError: bad"
+    stuck = _from_workers(r0=UserExceptionWithTraceback(PeerStuck("expert actor 1 stuck"), "T"))
+    assert describe_loss(stuck, []) == "expert actor 1 stuck"
 
 
 def test_past_the_limit_every_loss_and_the_last_good_checkpoint_are_named(tmp_path):
