@@ -4,7 +4,8 @@ distributed) never imports from here."""
 from __future__ import annotations
 
 from ..config import Config
-from ..train import TrainResult, train_local
+from ..train.local import train_local
+from ..train.loop import TrainResult
 
 
 def train(cfg: Config, *, resume: bool = True, stop_after: int | None = None) -> TrainResult:

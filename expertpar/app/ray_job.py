@@ -163,7 +163,13 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
                 spec = resume_spec(spec, last)
                 recoveries.add(loss, last, spec.start)
                 t = time.perf_counter()
-                moe = start_moe_actors(cfg, str(last) if last else None)
+                try:
+                    moe = start_moe_actors(cfg, str(last) if last else None)
+                except Exception as restart:
+                    raise RuntimeError(
+                        f"lost: {loss}; the MoE actors could not be restarted ({restart}). The "
+                        f"last good checkpoint is {last or 'none'}; run the same command again "
+                        f"to resume from it once the cluster has room.") from restart
                 _write_topology(run_dir, moe, cfg)
                 log.info("%d expert actors and the router restarted in %.1fs", len(moe.actors),
                          time.perf_counter() - t)

@@ -6,6 +6,8 @@ the job's namespace and run, so two jobs never collide.
 from __future__ import annotations
 
 import logging
+import os
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -68,7 +70,30 @@ class MoEActors:
             except Exception as err:  # an actor that already died is fine  # noqa: BLE001
                 log.debug("kill: %r", err)
         remove_placement_group(self.pg)
+        # The buffers of an actor that died (or was just killed) go once its process has: wait
+        # a little for those on this node, so none outlives the job.
+        here = ray.get_runtime_context().get_node_id()
+        _wait_gone([i["pid"] for i in [*self.infos, *self.router_infos]
+                    if "pid" in i and i.get("node_id") == here])
         sweep_dead()
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if _alive(p)]
+        if pids:
+            time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,

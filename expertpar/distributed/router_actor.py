@@ -124,7 +124,7 @@ class RouterActor:
         return {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
                 "gpu_ids": ray.get_gpu_ids(), "device": str(self.device),
                 "placement_group_id": ctx.get_placement_group_id(),
-                "group": self.index, "threads": torch.get_num_threads(),
+                "group": self.index, "threads": torch.get_num_threads(), "pid": os.getpid(),
                 "expert_calls": ["socket" if peer.via_socket else "ray"
                                  for _, peer in self.peers()]}
 

@@ -81,7 +81,9 @@ def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_p
         enc_r = remote.encode(images, ids, mask, ctx)
         assert rel_err(enc_r.image_BE, enc_l.image_BE) <= 1e-5
         assert rel_err(enc_r.text_BE, enc_l.text_BE) <= 1e-5
-        assert float(enc_r.aux_loss) == pytest.approx(float(enc_l.aux_loss), rel=1e-5)
+        # A small sum of float32 terms whose order the router's threads choose: 1.8e-5
+        # relative was seen once (expert choice, aux loss ~1e-3), hence 1e-4 for it alone.
+        assert float(enc_r.aux_loss) == pytest.approx(float(enc_l.aux_loss), rel=1e-4)
         for L in enc_l.stats:
             assert torch.equal(enc_r.stats[L].kept_ME, enc_l.stats[L].kept_ME)
 
@@ -248,8 +250,9 @@ def _tensors(run_dir):
     return read_shards(latest_checkpoint(run_dir / "checkpoints"))
 
 
-@pytest.mark.parametrize("routing,routers,transport", [
-    ("token_choice", 1, "router"), ("expert_choice", 2, "direct")])
+# Token choice with 1 router and the router transport: test_dist_faults.py's run, whose first
+# checkpoint (2 workers, top-2, capacity 1.0) is checked against one process the same way.
+@pytest.mark.parametrize("routing,routers,transport", [("expert_choice", 2, "direct")])
 def test_two_workers_train_like_one_process_and_leave_no_shared_buffers(ray_local, synth_dir,
                                                                          tmp_path, routing,
                                                                          routers, transport):
@@ -294,3 +297,41 @@ def test_resume_with_other_actor_and_worker_counts(ray_local, synth_dir, tmp_pat
                                **{"experts.num_actors": 4, "distributed.num_workers": 2}))
     # The next step after the resume has the loss the original topology would have had.
     assert second.losses == pytest.approx(ref.losses[3:], rel=1e-5)
+
+
+def test_a_skipped_step_changes_no_gate_or_expert_and_the_next_step_runs(ray_local):
+    """What train_step does on a NaN or inf loss, on the Ray path: the remote owner skips,
+    the router and expert actors drop the step's gradients without stepping, and the next
+    step's calls do not wait for an optimizer step that never comes."""
+    import math
+
+    from expertpar.app.bench_moe import LayerSpec, _inputs, _step
+    from expertpar.train.step import clip_coefficient
+
+    spec = LayerSpec(dim=16, hidden=32, experts=4, top_k=2, tokens=64, actors=2)
+    cfg = spec.config()
+    moe = start_moe_actors(cfg)
+    try:
+        backend = RayBackend(moe.router)
+        layer = backend.build_layer(0, spec.dim, cfg.model.moe, 0)
+        owner = RemoteOwner(backend, lead=True)
+        x_TD, g_TD, modality_T = _inputs(spec)
+        _step(layer, [owner], x_TD, g_TD, modality_T, step=0)
+        before = owner.export()
+        out = layer(x_TD.clone().requires_grad_(True), modality_T, RouteContext(0, 1))
+        ((out.y_TD * g_TD).sum() * float("nan")).backward()
+        norm, _ = clip_coefficient(owner.grad_norms(1), 1.0)
+        assert not math.isfinite(norm)
+        owner.skip()
+        after = owner.export()
+        assert sorted(after) == sorted(before)
+        for file in before:
+            for key in before[file]:
+                assert torch.equal(after[file][key], before[file][key]), (file, key)
+        _step(layer, [owner], x_TD, g_TD, modality_T, step=2)  # answers: nothing waits
+        stepped = owner.export()
+        changed = [k for f in before for k in before[f]
+                   if not torch.equal(stepped[f][k], before[f][k])]
+        assert changed  # and it did step
+    finally:
+        moe.shutdown()
