@@ -34,7 +34,7 @@ _HEADER = struct.Struct("!Q")
 
 class PeerLost(RuntimeError):
     """The called process is gone (its socket closed, or Ray says the actor died), or it is
-    stuck: either way the job has lost it, and recovers (app/recovery.py)."""
+    stuck: either way the job has lost it, and recovers (distributed/recovery.py)."""
 
 
 class PeerStuck(PeerLost):
