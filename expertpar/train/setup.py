@@ -16,7 +16,7 @@ from ..data import (SampleIndex, load_tokenizer, save_tokenizer, train_tokenizer
                     vocab_size)
 from ..model import VisionLanguageModel
 from ..moe import MoEBackend
-from .checkpoint import latest_checkpoint, read_train_state
+from .checkpoint import CheckpointError, latest_checkpoint, read_train_state
 from .loop import RunSpec
 
 log = logging.getLogger("expertpar")
@@ -61,7 +61,45 @@ def open_run(cfg: Config, *, resume: bool) -> Path | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         set_aside_previous_run(run_dir)
-    return latest_checkpoint(run_dir / "checkpoints") if resume else None
+        return None
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is not None:
+        check_resumable(cfg, ckpt)
+    return ckpt
+
+
+# The config keys that give the parameters their shapes or their meaning: a checkpoint written
+# with other values cannot be resumed (the rest, e.g. capacity, losses' weights, the learning
+# rate, may change between a run and its resumption).
+SHAPING_KEYS = ("model.variant", "model.towers", "model.stem", "model.patch_size", "model.dim",
+                "model.depth", "model.heads", "model.ffn_hidden", "model.embed_dim",
+                "model.moe.num_experts", "model.moe.every", "model.moe.expert_hidden",
+                "tokenizer.context_length", "data.image_size")
+
+
+def check_resumable(cfg: Config, ckpt: Path) -> None:
+    """Refuse, before anything loads it, a checkpoint whose model config differs from
+    ``cfg``'s in a key of SHAPING_KEYS, listing every difference."""
+    import yaml
+
+    from ..config import config_to_dict
+    if not (ckpt / "config.yaml").exists():  # a checkpoint written without its config
+        return
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+    now = config_to_dict(cfg)
+    differences = []
+    for key in SHAPING_KEYS:
+        there, here = saved, now
+        for part in key.split("."):
+            there = there.get(part) if isinstance(there, dict) else None
+            here = here.get(part) if isinstance(here, dict) else None
+        if there is not None and there != here:
+            differences.append(f"{key} {there!r} there, {here!r} now")
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was written by a model this config does not describe: "
+            + "; ".join(differences) + ". Resume with the checkpoint's values, or start over "
+            "with --no-resume (the earlier run is set aside, not deleted).")
 
 
 def prepare_run(cfg: Config, ckpt: Path | None, *, stop_after: int | None,

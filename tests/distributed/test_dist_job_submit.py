@@ -230,3 +230,9 @@ def test_the_readme_submit_command_works_as_written_on_a_fresh_clone(head_node, 
     topo = json.loads((run_dir / "ray_topology.json").read_text())
     assert len(topo["expert_actors"]) == 2 and len(topo["routers"]) == 1
     assert real_token_state() == head.real_token_before, "the real ~/.ray/auth_token changed"
+    # The token appears nowhere the job wrote: not in its output and logs, not in any file of
+    # the run directory (metrics, config, checkpoints, topology).
+    assert head.token not in out.stdout + out.stderr
+    leaked = [p for p in run_dir.rglob("*") if p.is_file() and head.token.encode() in
+              p.read_bytes()]
+    assert not leaked, leaked

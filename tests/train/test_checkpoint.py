@@ -109,3 +109,26 @@ def test_batchnorm_statistics_of_the_cnn_stem_are_saved(synth_dir, tmp_path):
     for (n, a), (_, b) in zip(model.named_buffers(), fresh.named_buffers()):
         assert torch.equal(a, b), n
     assert any("running_mean" in n for n, _ in model.named_buffers())
+
+
+def test_a_checkpoint_of_another_model_is_refused_listing_every_difference(synth_dir,
+                                                                           tmp_path):
+    cfg = tiny_config(synth_dir, tmp_path, **{"train.steps": 2, "train.checkpoint_every": 2})
+    train(cfg)
+    ckpt = latest_checkpoint(cfg.run_dir / "checkpoints")
+    before = sorted(p.name for p in cfg.run_dir.rglob("*"))
+    other = tiny_config(synth_dir, tmp_path, **{"train.steps": 4, "model.dim": 48,
+                                                "model.moe.num_experts": 2,
+                                                "model.moe.capacity_factor": 2.0})
+    with pytest.raises(CheckpointError) as err:
+        train(other)
+    message = str(err.value)
+    assert f"checkpoint {ckpt} was written by a model this config does not describe" in message
+    assert "model.dim 32 there, 48 now; model.moe.num_experts 4 there, 2 now." in message
+    assert "capacity_factor" not in message  # a key that may change on resume
+    assert "--no-resume" in message
+    assert sorted(p.name for p in cfg.run_dir.rglob("*")) == before  # nothing written
+    # A key that does not shape the parameters may change: the run resumes.
+    again = tiny_config(synth_dir, tmp_path, **{"train.steps": 4,
+                                                "model.moe.capacity_factor": 2.0})
+    assert train(again).steps_done == 4
