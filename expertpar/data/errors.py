@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 
 # Every reason a sample can be skipped for; metrics report each of them (0 if unseen)
 # so dashboards get stable keys from the first step.
-SKIP_REASONS: tuple[str, ...] = ("corrupt_image", "empty_caption", "missing_caption", "missing_image")
+# New reasons go last: an index on disk stores a skip's reason by its position here.
+SKIP_REASONS: tuple[str, ...] = ("corrupt_image", "empty_caption", "missing_caption",
+                                 "missing_image", "caption_too_long")
 
 
 class SampleError(ValueError):

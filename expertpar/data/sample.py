@@ -27,6 +27,11 @@ class RawSample:
     meta: dict = field(default_factory=dict)
 
 
+# A caption longer than this is not a description but junk (a page, a dump): the tokenizer
+# reads only its first tokenizer.context_length tokens, and the index would keep it whole.
+MAX_CAPTION_CHARS = 16_384
+
+
 def checked_caption(key: str, caption: str | None, *, has_image: bool) -> str:
     """The stripped caption, or SampleError for what is checked before decoding the image.
 
@@ -40,6 +45,9 @@ def checked_caption(key: str, caption: str | None, *, has_image: bool) -> str:
     caption = caption.strip()
     if not caption:
         raise SampleError("empty_caption", f"sample {key!r}: caption is empty")
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise SampleError("caption_too_long", f"sample {key!r}: caption of {len(caption)} "
+                          f"characters, over {MAX_CAPTION_CHARS}")
     return caption
 
 

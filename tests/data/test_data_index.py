@@ -276,3 +276,29 @@ def test_scan_returns_rows_not_image_bytes(shards: Path) -> None:
     part = scan_file(str(first))
     payload = len(pickle.dumps(part))
     assert len(part.records) == 20 and payload < first.stat().st_size / 4
+
+
+def test_a_100_kb_caption_is_skipped_and_a_non_utf8_one_kept(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture
+                                                             ) -> None:
+    import tarfile
+
+    from shard_helpers import add_member
+    shard = tmp_path / "captions" / "000000.tar"
+    shard.parent.mkdir(parents=True)
+    with tarfile.open(shard, "w") as tar:
+        add_member(tar, "huge.png", png((10, 20, 30)))
+        add_member(tar, "huge.txt", b"a red square " * 8_000)  # 104 kB
+        add_member(tar, "latin1.png", png((40, 50, 60)))
+        add_member(tar, "latin1.txt", "un carr\xe9 gris".encode("latin-1"))  # not UTF-8
+        add_member(tar, "fine.png", png((70, 80, 90)))
+        add_member(tar, "fine.txt", b"a grey square")
+    with caplog.at_level(logging.WARNING, logger="expertpar"):
+        index = SampleIndex.build(str(shard.parent))
+    loaded = ImageTextDataset.load(shard.parent)
+    assert index.skipped.counts == loaded.skipped.counts == {"caption_too_long": 1}
+    assert "'huge' (caption_too_long)" in caplog.text  # its key, in the log
+    assert "103999 characters, over 16384" in caplog.text  # stripped of its last space
+    assert list(index.keys) == [s.key for s in loaded.samples] == ["latin1", "fine"]
+    # A stray byte costs one character, not the sample.
+    assert index.captions[0] == "un carr\ufffd gris"
