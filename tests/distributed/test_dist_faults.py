@@ -4,9 +4,10 @@ One run with 2 train workers meets these losses in turn, each injected once the 
 a step: two expert actors at once, one killed by Ray and one whose process exits on its own;
 the router, killed; a train worker's process, killed; an expert actor that hangs (past
 ``experts.call_timeout_s``). One loss more than ``train.max_recoveries`` allows stops the run
-with an error naming every loss and the last good checkpoint (resuming from a checkpoint is
-tested in test_dist_ray_parity.py). Each test checks one of these in the shared run's record:
-every recovery restarts actors and Ray Train, about 40 s each here, so the run is shared.
+with an error naming every loss and the last good checkpoint; running the job again (with 4
+expert actors and 1 train worker instead of 2 and 2) resumes from it on the same curve. Each
+test checks one of these in the shared run's record: every recovery restarts actors and Ray
+Train, about 30 s each here, so the run is shared.
 """
 from __future__ import annotations
 
@@ -157,10 +158,17 @@ def recovered(ray_local, synth_dir, tmp_path_factory):
     finally:
         stop.set()
         injector.join()
+    stopped_at = {"metrics": read_metrics(cfg.run_dir / "metrics.jsonl"),
+                  "last_good": latest_checkpoint(cfg.run_dir / "checkpoints"),
+                  "record": json.loads((cfg.run_dir / "recoveries.json").read_text())}
+    # Running the same job again resumes it, here with 4 expert actors and 1 train worker
+    # instead of 2 and 2: checkpoints do not depend on the topology.
+    resumed = train(tiny_config(synth_dir, tmp / "ray", **COMMON, **{
+        "distributed.backend": "ray", "distributed.num_workers": 1,
+        "experts.num_actors": 4, "experts.cpus_per_actor": 0.5}), stop_after=2)
     reference = train(tiny_config(synth_dir, tmp / "local", **COMMON))
     return {"cfg": cfg, "stopped": stopped.value, "injected": done, "reference": reference,
-            "last_good": latest_checkpoint(cfg.run_dir / "checkpoints"),
-            "record": json.loads((cfg.run_dir / "recoveries.json").read_text())}
+            "resumed": resumed, **stopped_at}
 
 
 def _recovery(recovered, index: int) -> dict:
@@ -181,7 +189,7 @@ def test_the_run_stays_on_the_uninterrupted_curve(recovered):
     run_dir, ref = recovered["cfg"].run_dir, recovered["reference"]
     # Every step's loss, as logged (a replayed step's record replaced the lost one's), equals
     # the in-process run's: each recovery restored every owner exactly.
-    logged = {m["step"]: m["loss/total"] for m in read_metrics(run_dir / "metrics.jsonl")
+    logged = {m["step"]: m["loss/total"] for m in recovered["metrics"]
               if "loss/total" in m and "event" not in m}
     last = max(logged)
     assert last >= HANG_AT + 2 and sorted(logged) == list(range(1, last + 1))
@@ -225,9 +233,8 @@ def test_a_hung_expert_actor_becomes_a_loss_at_the_deadline_and_is_recovered(rec
     assert "expert actor 1 did not answer forward within 20s" in r["loss"], r["loss"]
     assert r["failed_at_step"] == HANG_AT  # step HANG_AT + 1's forward hung
     # Named at the deadline (20 s after the hung call), not later, and not forever.
-    first_step_at = max(m["time/unix"] for m in read_metrics(
-        recovered["cfg"].run_dir / "metrics.jsonl") if m.get("event") == "first_step"
-        and m["time/unix"] < r["lost_at_unix"])
+    first_step_at = max(m["time/unix"] for m in recovered["metrics"]
+                        if m.get("event") == "first_step" and m["time/unix"] < r["lost_at_unix"])
     assert 20 <= r["lost_at_unix"] - first_step_at < 120
 
 
@@ -241,3 +248,14 @@ def test_past_max_recoveries_the_run_stops_naming_every_loss_and_the_last_checkp
     assert f"The last good checkpoint is {recovered['last_good']}" in message
     assert "run the same command again to resume from it" in message
     assert read_train_state(recovered["last_good"])["step"] >= HANG_AT - EVERY
+
+
+def test_a_rerun_resumes_the_stopped_run_with_other_actor_and_worker_counts(recovered):
+    step = read_train_state(recovered["last_good"])["step"]
+    resumed = recovered["resumed"]
+    assert resumed.steps_done == step + 2 and resumed.recoveries == []
+    # The next steps have the losses the original topology (and one process) would have had.
+    assert resumed.losses == pytest.approx(recovered["reference"].losses[step:step + 2],
+                                           rel=1e-5)
+    topology = json.loads((recovered["cfg"].run_dir / "ray_topology.json").read_text())
+    assert len(topology["expert_actors"]) == 4 and topology["num_workers"] == 1

@@ -286,19 +286,6 @@ def test_two_workers_train_like_one_process_and_leave_no_shared_buffers(ray_loca
     assert not [n for n in os.listdir(shm_dir()) if n.startswith("expertpar-wire")]
 
 
-def test_resume_with_other_actor_and_worker_counts(ray_local, synth_dir, tmp_path):
-    common = {"train.steps": 6, "train.checkpoint_every": 3}
-    ref = train(tiny_config(synth_dir, tmp_path / "local", **common))
-    ray_cfg = {"distributed.backend": "ray", "experts.cpus_per_actor": 0.5}
-    first = train(tiny_config(synth_dir, tmp_path / "ray", **common, **ray_cfg,
-                              **{"experts.num_actors": 2}), stop_after=3)
-    assert first.losses == pytest.approx(ref.losses[:3], rel=1e-5)
-    second = train(tiny_config(synth_dir, tmp_path / "ray", **common, **ray_cfg,
-                               **{"experts.num_actors": 4, "distributed.num_workers": 2}))
-    # The next step after the resume has the loss the original topology would have had.
-    assert second.losses == pytest.approx(ref.losses[3:], rel=1e-5)
-
-
 def test_a_skipped_step_changes_no_gate_or_expert_and_the_next_step_runs(ray_local):
     """What train_step does on a NaN or inf loss, on the Ray path: the remote owner skips,
     the router and expert actors drop the step's gradients without stepping, and the next
