@@ -15,25 +15,21 @@ from expertpar.distributed.recovery import Recoveries, describe_loss, root_error
 
 
 def _from_workers(**by_rank) -> WorkerGroupError:
+    """What Ray Train 2.60 raises: the workers' own exceptions by rank (it unwraps its
+    UserExceptionWithTraceback; two tests keep the wrapper, should that change)."""
     return WorkerGroupError("boom", {int(k[1:]): v for k, v in by_rank.items()})
 
 
-def _user(exc: BaseException) -> BaseException:
-    """A worker's exception as Ray Train 2.60 hands it over: itself (it unwraps its own
-    UserExceptionWithTraceback); the wrapper is kept in one case, should that change."""
-    return exc
-
-
 def test_dead_moe_actors_name_the_loss_before_any_workers_symptom():
-    err = _from_workers(r0=_user(PeerLost("the router failed in forward: expert actor 1 died")))
+    err = _from_workers(r0=PeerLost("the router failed in forward: expert actor 1 died"))
     assert describe_loss(err, ["expert actor 1 (hosting experts [(0, 1)])"]) == \
         "expert actor 1 (hosting experts [(0, 1)]) died or stopped answering"
 
 
 def test_a_workers_lost_peer_is_a_loss_named_by_its_first_line_once_for_all_workers():
     stuck = "expert actor 0 did not answer forward within 5s"
-    err = _from_workers(r0=_user(PeerStuck(stuck)),
-                        r1=_user(PeerStuck(stuck + "\nTraceback ...")))
+    err = _from_workers(r0=PeerStuck(stuck),
+                        r1=PeerStuck(stuck + "\nTraceback ..."))
     assert describe_loss(err, []) == "expert actor 0 did not answer forward within 5s"
 
 
@@ -51,7 +47,7 @@ def test_a_preemption_is_a_loss_naming_the_nodes_and_workers():
 
 
 def test_a_bug_or_bad_data_is_not_a_loss_and_is_named_in_one_line():
-    err = _from_workers(r0=_user(ValueError("sample 17 of shard-3.tar: bad caption")))
+    err = _from_workers(r0=ValueError("sample 17 of shard-3.tar: bad caption"))
     assert describe_loss(err, []) is None
     assert root_error(err) == "ValueError: sample 17 of shard-3.tar: bad caption"
     wrapped = _from_workers(r1=UserExceptionWithTraceback(ValueError("bad"), "Traceback ..."))
