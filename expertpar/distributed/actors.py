@@ -6,7 +6,6 @@ the job's namespace and run, so two jobs never collide.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections import Counter
@@ -22,7 +21,7 @@ from ..config import Config
 from .expert_actor import ExpertActor
 from .placement import owner_table, place_experts
 from .router_actor import RouterActor
-from .wire import sweep_dead
+from .wire import process_alive, sweep_dead
 
 log = logging.getLogger("expertpar")
 
@@ -81,19 +80,9 @@ class MoEActors:
 def _wait_gone(pids: list[int], timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if _alive(p)]
+        pids = [p for p in pids if process_alive(p)]
         if pids:
             time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,

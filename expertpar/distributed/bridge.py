@@ -55,8 +55,9 @@ class RayBackend:
         # The router may wait a deadline for the other workers and another for the expert
         # actors before it answers: the worker waits for both, so the router names the culprit.
         self.timeout_s = info["call_timeout_s"]
+        self.router_deadline_s = 2 * self.timeout_s + 30  # every wait on the router
         self.calls = peer_for(self.router, "the router", self.router_address, serves, node,
-                              2 * self.timeout_s + 30)
+                              self.router_deadline_s)
         self.transport = info["transport"]
         self.experts: dict[int, RemoteExperts] = {}
         if self.transport == "direct":

@@ -53,9 +53,7 @@ class RemoteOwner:
         self.backend = backend
         self.router = backend.router
         self.lead = lead
-        # The router waits on the expert actors within its own deadline; this one is longer,
-        # so the router's error, which names the culprit, arrives first.
-        self.deadline_s = 2 * backend.timeout_s + 30
+        self.deadline_s = backend.router_deadline_s  # see RayBackend
         self._step: int | None = None  # the step whose norms were taken last
         self._pending = None  # the lead's step call in flight
 

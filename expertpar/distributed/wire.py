@@ -272,6 +272,17 @@ def _unlink_live() -> None:
         path.unlink(missing_ok=True)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this node (one not ours to signal still does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def sweep_dead(directory: Path | None = None) -> list[Path]:
     """Remove shared buffers whose creating process is gone (killed actors cannot clean up)."""
     directory = directory or shm_dir()
@@ -284,13 +295,7 @@ def sweep_dead(directory: Path | None = None) -> list[Path]:
         m = _NAME.match(name)
         if m is None:
             continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-            continue  # alive (or not ours to signal: still alive)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if process_alive(int(m.group(1))):
             continue
         path = directory / name
         path.unlink(missing_ok=True)

@@ -10,8 +10,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+import yaml
 
-from ..config import Config, dump_config
+from ..config import Config, config_to_dict, dump_config
 from ..data import (SampleIndex, load_tokenizer, save_tokenizer, train_tokenizer,
                     vocab_size)
 from ..model import VisionLanguageModel
@@ -80,9 +81,6 @@ SHAPING_KEYS = ("model.variant", "model.towers", "model.stem", "model.patch_size
 def check_resumable(cfg: Config, ckpt: Path) -> None:
     """Refuse, before anything loads it, a checkpoint whose model config differs from
     ``cfg``'s in a key of SHAPING_KEYS, listing every difference."""
-    import yaml
-
-    from ..config import config_to_dict
     if not (ckpt / "config.yaml").exists():  # a checkpoint written without its config
         return
     saved = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
