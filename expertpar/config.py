@@ -263,7 +263,9 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class ExpertsConfig:
-    num_actors: int = 2  # expert actors hosting the (MoE layer, expert) shards
+    # expert actors hosting the (MoE layer, expert) shards: a count, or [min, max] to grow
+    # onto nodes that join and shrink off nodes that leave (re-placed at a checkpoint)
+    num_actors: Union[int, tuple[int, ...]] = 2
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # fractional shares allowed, e.g. 0.25
     placement: Literal["spread", "pack"] = "spread"  # placement-group strategy over nodes
@@ -295,7 +297,11 @@ class ExpertsConfig:
         bad = []
         if not self.call_timeout_s > 0:
             bad.append(("call_timeout_s", "must be > 0"))
-        if self.num_actors < 1:
+        if isinstance(self.num_actors, tuple) and not (
+                len(self.num_actors) == 2 and 1 <= self.num_actors[0] <= self.num_actors[1]):
+            bad.append(("num_actors", "must be a count or a [min, max] pair with "
+                        "1 <= min <= max"))
+        elif self.min_actors < 1:
             bad.append(("num_actors", "must be >= 1"))
         if self.num_routers < 1:
             bad.append(("num_routers", "must be >= 1"))
@@ -305,7 +311,8 @@ class ExpertsConfig:
         for key in ("cpus_per_actor", "gpus_per_actor", "router_cpus", "router_gpus"):
             if getattr(self, key) < 0:
                 bad.append((key, "must be >= 0"))
-        per_gpu = -(-self.num_routers // max(1, self.num_actors))  # routers beside one actor
+        # routers beside one actor, at the fewest actors
+        per_gpu = -(-self.num_routers // max(1, self.min_actors))
         if self.router_gpus > 0 and self.gpus_per_actor + per_gpu * self.router_gpus > 1:
             bad.append(("router_gpus", f"with gpus_per_actor {self.gpus_per_actor} must leave "
                         f"gpus_per_actor + router_gpus <= 1: the router shares the first expert "
@@ -315,6 +322,19 @@ class ExpertsConfig:
         if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
             bad.append(("gpus_per_actor", "must be a fraction <= 1 or a whole number"))
         return bad
+
+    @property
+    def min_actors(self) -> int:
+        return self.num_actors[0] if isinstance(self.num_actors, tuple) else self.num_actors
+
+    @property
+    def max_actors(self) -> int:
+        return self.num_actors[-1] if isinstance(self.num_actors, tuple) else self.num_actors
+
+    @property
+    def elastic(self) -> bool:
+        """The actor count follows the cluster (``num_actors: [min, max]`` with min < max)."""
+        return self.min_actors < self.max_actors
 
 
 def check_num_actors(num_actors: int, num_layers: int, num_experts: int) -> str | None:
@@ -354,7 +374,7 @@ class Config:
             bad.append(("train.batch_size",
                         f"must be divisible by distributed.num_workers ({W})"))
         if self.distributed.backend == "ray" and self.model.variant == "moe":
-            problem = check_num_actors(self.experts.num_actors, self.num_moe_layers,
+            problem = check_num_actors(self.experts.max_actors, self.num_moe_layers,
                                        self.model.moe.num_experts)
             if problem:
                 bad.append(("experts.num_actors", problem))

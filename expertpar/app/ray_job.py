@@ -24,6 +24,7 @@ import ray
 from ..config import Config
 from ..distributed.actors import MoEActors, start_moe_actors
 from ..distributed.data import build_index_on_ray, train_data_config, train_datasets
+from ..distributed.elastic import Watcher, actor_count, start_stop_signal
 from ..distributed.recovery import Recoveries, describe_loss, root_error
 from ..distributed.runtime import WorkerPayload, train_worker
 from ..train.checkpoint import latest_checkpoint, read_train_state
@@ -57,7 +58,7 @@ def ray_init(cfg: Config) -> bool:
         # Logical CPUs: enough for the workers, the expert actors and the Ray Data actors even
         # on a 2-core machine (the OS shares the cores; Ray only counts).
         need = (cfg.distributed.num_workers * (cfg.distributed.cpus_per_worker + 1)
-                + cfg.experts.num_actors * cfg.experts.cpus_per_actor + 2)
+                + cfg.experts.max_actors * cfg.experts.cpus_per_actor + 2)
         num_cpus = cfg.distributed.embedded_num_cpus or max(os.cpu_count() or 1, int(need + 0.5))
         # The dashboard serves the state API that Ray Train's clean-up polls; it listens on
         # 127.0.0.1 only.
@@ -128,8 +129,10 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
     try:
         ckpt = open_run(cfg, resume=resume)
         # The actors start (processes, imports, their checkpoint shards) while the data is
-        # indexed: neither needs the other.
-        starting = pool.submit(_timed, start_moe_actors, cfg, str(ckpt) if ckpt else None)
+        # indexed: neither needs the other. Not with a range of actors: their count is what
+        # the cluster holds, which the indexing tasks would hide.
+        if not cfg.experts.elastic:
+            starting = pool.submit(_timed, place_moe_actors, cfg, ckpt)
         t = time.perf_counter()
         build_index = partial(build_index_on_ray,
                               max_in_flight=(os.cpu_count() or 1) if started else None)
@@ -137,8 +140,11 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         if spec.start == spec.end:
             return nothing_to_do(spec)
         times["data index and tokenizer"] = time.perf_counter() - t
+        if starting is None:
+            starting = pool.submit(_timed, place_moe_actors, cfg, ckpt)
         (moe, seconds), starting = starting.result(), None
-        times[f"{len(moe.actors)} expert actors and the router (overlapped)"] = seconds
+        times[f"{len(moe.actors)} expert actors and the router"
+              + (" (overlapped)" if not cfg.experts.elastic else "")] = seconds
         run_dir = cfg.run_dir.resolve()
         _write_topology(run_dir, moe, cfg)
         times["total"] = time.perf_counter() - t_setup
@@ -147,7 +153,6 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         while True:
             try:
                 result = _fit(cfg, spec, moe)
-                break
             except Exception as err:
                 loss = describe_loss(err, moe.lost_actors())
                 last = latest_checkpoint(run_dir / "checkpoints")
@@ -156,23 +161,31 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
                         f"training failed: {root_error(err)}. The last good checkpoint is "
                         f"{last or 'none'}; run the same command again to resume from it."
                     ) from err
-                # Whatever is left of the MoE side holds state past the checkpoint: it goes,
-                # and every owner restores from the newest checkpoint that verifies.
-                moe.shutdown()
-                moe = None
-                spec = resume_spec(spec, last)
-                recoveries.add(loss, last, spec.start)
-                t = time.perf_counter()
-                try:
-                    moe = start_moe_actors(cfg, str(last) if last else None)
-                except Exception as restart:
-                    raise RuntimeError(
-                        f"lost: {loss}; the MoE actors could not be restarted ({restart}). The "
-                        f"last good checkpoint is {last or 'none'}; run the same command again "
-                        f"to resume from it once the cluster has room.") from restart
-                _write_topology(run_dir, moe, cfg)
-                log.info("%d expert actors and the router restarted in %.1fs", len(moe.actors),
-                         time.perf_counter() - t)
+                moved = None
+            else:
+                moved = (result.metrics or {}).get("stopped")
+                if not moved:
+                    break
+                loss, last = moved, latest_checkpoint(run_dir / "checkpoints")
+            # Whatever is left of the MoE side holds state past the checkpoint (after a loss)
+            # or sits where it should not (after a planned stop): it goes, and every owner
+            # restores from the newest checkpoint that verifies.
+            moe.shutdown()
+            moe = None
+            spec = resume_spec(spec, last)
+            recoveries.add(loss, last, spec.start, planned=bool(moved))
+            t = time.perf_counter()
+            try:
+                moe = place_moe_actors(cfg, last)
+            except Exception as restart:
+                raise RuntimeError(
+                    f"{'moving' if moved else 'lost'}: {loss}; the MoE actors could not be "
+                    f"restarted ({restart}). The last good checkpoint is {last or 'none'}; run "
+                    f"the same command again to resume from it once the cluster has room."
+                ) from restart
+            _write_topology(run_dir, moe, cfg)
+            log.info("%d expert actors and the router restarted in %.1fs", len(moe.actors),
+                     time.perf_counter() - t)
         recoveries.finish()
         final = result.metrics or {}
         return TrainResult(run_dir, spec.end, final.get("loss/total", float("nan")),
@@ -190,18 +203,27 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
                 ray.shutdown()
 
 
+def place_moe_actors(cfg: Config, checkpoint: Path | None) -> MoEActors:
+    """The expert actors (as many as the cluster holds now, for a range) and the routers."""
+    return start_moe_actors(cfg, str(checkpoint) if checkpoint else None,
+                            num_actors=actor_count(cfg))
+
+
 def _fit(cfg: Config, spec: RunSpec, moe: MoEActors):
-    """One Ray Train run of the steps ``spec`` names, on the workers' data streams."""
+    """One Ray Train run of the steps ``spec`` names, on the workers' data streams, until its
+    end or a planned stop (distributed/elastic.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_dir = Path(spec.run_dir)
+    signal = start_stop_signal(spec.start, cfg.train.checkpoint_every)
+    moe_nodes = {i["node_id"] for i in [*moe.infos, *moe.router_infos]}
     # Leaving the block prints every worker line still queued, before the lines below.
-    with relay_console() as console:
+    with relay_console() as console, Watcher(cfg, signal, moe_nodes, len(moe.actors)):
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"payload": WorkerPayload(spec, moe.routers, console,
-                                                        log.getEffectiveLevel())},
+                                                        log.getEffectiveLevel(), signal)},
             datasets=train_datasets(spec.train_location, cfg, spec.tokenizer_json,
                                     start=spec.start, end=spec.end),
             # Each worker reads its own dataset (its slice of every global batch, in order).
@@ -216,11 +238,20 @@ def _fit(cfg: Config, spec: RunSpec, moe: MoEActors):
                 # restart goes through train_ray's recovery, which restores every owner.
                 # Only a worker group that failed to start counts against the controller's
                 # limit (nothing has run then, so a retry is safe); a few, not forever.
+                # A preemption notice is handled here too (elastic.py): the workers stop at a
+                # just-in-time checkpoint; Ray Train neither relaxes its collectives nor keeps
+                # workers past the drain deadline.
                 failure_config=FailureConfig(max_failures=0, max_preemption_failures=0,
-                                             controller_failure_limit=3)))
+                                             controller_failure_limit=3,
+                                             relax_collectives_on_preemption=False,
+                                             preemption_grace_s=0.0)))
         t_fit = time.perf_counter()
-        result = trainer.fit()
-    log.info("training finished in %.1fs", time.perf_counter() - t_fit)
+        try:
+            result = trainer.fit()
+        finally:
+            ray.kill(signal)
+    log.info("training %s in %.1fs", "stopped" if (result.metrics or {}).get("stopped")
+             else "finished", time.perf_counter() - t_fit)
     return result
 
 

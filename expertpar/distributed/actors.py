@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
                                             PlacementGroupSchedulingStrategy)
 
 from ..config import Config
+from .elastic import actor_shapes
 from .expert_actor import ExpertActor
 from .placement import owner_table, place_experts
 from .router_actor import RouterActor
@@ -86,23 +87,18 @@ def _wait_gone(pids: list[int], timeout_s: float = 5.0) -> None:
 
 
 def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
-                     timeout_s: float = 120.0) -> MoEActors:
-    """Place and start the expert actors and the router; each restores its own part of
-    ``checkpoint`` (a verified checkpoint directory) when given."""
-    L, E, A = cfg.num_moe_layers, cfg.model.moe.num_experts, cfg.experts.num_actors
+                     num_actors: int | None = None, timeout_s: float = 120.0) -> MoEActors:
+    """Place and start ``num_actors`` expert actors (default: experts.num_actors, its max for
+    a range) and the routers; each restores its own part of ``checkpoint`` (a verified
+    checkpoint directory) when given."""
+    L, E = cfg.num_moe_layers, cfg.model.moe.num_experts
+    A = num_actors or cfg.experts.max_actors
     hosts = place_experts(L, E, A)
     ex = cfg.experts
-    bundle = {"CPU": ex.cpus_per_actor}
-    if ex.gpus_per_actor:
-        bundle["GPU"] = ex.gpus_per_actor
     strategy = "SPREAD" if ex.placement == "spread" else "PACK"
-    bundles = [dict(bundle) for _ in range(A)]
+    # Router r's GPU share goes in expert actor (r mod A)'s bundle: one GPU for both.
+    bundles = actor_shapes(cfg, A)
     R = ex.num_routers
-    if ex.router_gpus:
-        # Router r's GPU share goes in expert actor (r mod A)'s bundle: one GPU for both.
-        for r in range(R):
-            bundles[r % A]["GPU"] = bundles[r % A].get("GPU", 0) + ex.router_gpus
-            bundles[r % A]["CPU"] += ex.router_cpus
     pg = placement_group(bundles, strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:

@@ -109,6 +109,9 @@ class Recovery:
     lost_at_unix: float  # when the driver heard of the loss
     checkpoint: str | None  # the checkpoint resumed from (None: from the start)
     recovery_s: float | None = None  # from the loss to the first step done after it
+    # a move the job chose (a preemption notice, a joining node: distributed/elastic.py) at a
+    # checkpoint it had just written; not a loss, and not counted by train.max_recoveries
+    planned: bool = False
 
 
 class Recoveries:
@@ -118,20 +121,22 @@ class Recoveries:
     def __init__(self, run_dir: Path, limit: int):
         self.path = run_dir / RECOVERIES_FILE
         self.limit = limit
-        self.done: list[Recovery] = []  # this call's (max_recoveries counts these)
+        self.done: list[Recovery] = []  # this call's (max_recoveries counts the losses)
         # An earlier call's recoveries of this run (it stopped; this one resumed it) stay on
         # record; a fresh run (--no-resume) set the whole directory aside first.
         self.earlier = json.loads(self.path.read_text()) if self.path.exists() else []
 
-    def add(self, loss: str, checkpoint: Path | None, resumed_from: int) -> Recovery:
-        """Book a loss; raises RuntimeError past ``train.max_recoveries``, naming every loss
-        and the last good checkpoint."""
+    def add(self, loss: str, checkpoint: Path | None, resumed_from: int, *,
+            planned: bool = False) -> Recovery:
+        """Book a loss (or a ``planned`` move); raises RuntimeError past
+        ``train.max_recoveries`` losses, naming every loss and the last good checkpoint."""
         self._measure()  # before the next attempt rewrites the metrics log
         failed_at = last_logged_step(self.path.parent)
         r = Recovery(loss, failed_at, resumed_from, max(0, failed_at - resumed_from),
-                     time.time(), str(checkpoint) if checkpoint else None)
-        if len(self.done) >= self.limit:
-            losses = [*(x.loss for x in self.done), loss]
+                     time.time(), str(checkpoint) if checkpoint else None, planned=planned)
+        losses = [x.loss for x in self.done if not x.planned]
+        if not planned and len(losses) >= self.limit:
+            losses.append(loss)
             raise RuntimeError(
                 f"training stopped after {len(losses)} losses, past train.max_recoveries="
                 f"{self.limit}: " + "; ".join(f"({i}) {x}" for i, x in enumerate(losses, 1)) +
@@ -139,9 +144,13 @@ class Recoveries:
                 f"again to resume from it.")
         self.done.append(r)
         self.write()
-        log.warning("lost: %s. Recovery %d of at most %d: resuming from %s (step %d; %d "
-                    "finished steps to run again)", loss, len(self.done), self.limit,
-                    checkpoint or "the start", resumed_from, r.steps_lost)
+        if planned:
+            log.warning("moving: %s. Resuming from %s (step %d) on the nodes there now", loss,
+                        checkpoint, resumed_from)
+        else:
+            log.warning("lost: %s. Recovery %d of at most %d: resuming from %s (step %d; %d "
+                        "finished steps to run again)", loss, len(losses) + 1, self.limit,
+                        checkpoint or "the start", resumed_from, r.steps_lost)
         return r
 
     def _measure(self) -> None:
@@ -162,7 +171,7 @@ class Recoveries:
         if not self.done:
             return
         self._measure()
-        log.info("recovered from %d losses: %s", len(self.done), "; ".join(
+        log.info("recovered from %d losses and moves: %s", len(self.done), "; ".join(
             f"{r.loss} at step {r.failed_at_step}: {r.steps_lost} steps lost, back in "
             + (f"{r.recovery_s:.1f}s" if r.recovery_s is not None else "an unknown time")
             for r in self.done))

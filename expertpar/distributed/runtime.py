@@ -39,6 +39,7 @@ class WorkerPayload:
     routers: list  # the router actors' handles (experts.num_routers)
     console: object  # a ray.util.queue.Queue the driver prints from (see app/ray_job.py)
     log_level: int = logging.INFO
+    signal: object = None  # the driver's StopSignal actor (distributed/elastic.py)
 
 
 class RemoteOwner:
@@ -122,6 +123,7 @@ class RayRuntime:
         self.owners = [dense, RemoteOwner(backend, lead=rank == 0)]
         self.rank, self.world = rank, world
         self.eval_location = spec.eval_location
+        self.signal, self.node_id = payload.signal, ray.get_runtime_context().get_node_id()
         log.info("train worker %d of %d on %s (%s), %d torch threads", rank, world, self.device,
                  f"GPUs {ray.get_gpu_ids()}" if ray.get_gpu_ids() else "no GPU",
                  torch.get_num_threads())
@@ -140,6 +142,20 @@ class RayRuntime:
     def report(self, step: int, metrics: dict, checkpoint: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
         ray.train.report(metrics, checkpoint=ckpt)
+
+    def stop_requested(self, done: int) -> str | None:
+        if self.signal is None:
+            return None
+        # Every worker asks the one signal actor (its answer is fixed per step: elastic.py).
+        # Without an answer, stopping alone would strand the others: the run goes on, and a
+        # lost driver side surfaces as a loss anyway.
+        try:
+            return ray.get(self.signal.poll.remote(self.rank, done, self.node_id), timeout=60)
+        except Exception as err:  # noqa: BLE001
+            log.warning("worker %d: the driver's stop signal did not answer (%s); carrying on "
+                        "without it", self.rank, err)
+            self.signal = None
+            return None
 
 
 def worker_threads(fixed: int | None, workers_on_node: int) -> int:

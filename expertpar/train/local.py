@@ -37,6 +37,9 @@ class LocalRuntime:
     def report(self, step: int, metrics: dict, checkpoint: Path | None) -> None:
         pass  # metrics.jsonl and the checkpoint directory are all there is in process
 
+    def stop_requested(self, done: int) -> str | None:
+        return None  # one process: nothing to move
+
 
 def train_local(cfg: Config, *, resume: bool = True, stop_after: int | None = None) -> TrainResult:
     """Train as ``cfg`` says in this process; ``stop_after`` ends after that many steps."""

@@ -55,8 +55,11 @@ class TrainResult:
     final_loss: float
     eval: dict[str, float]
     losses: list[float]  # loss per step of this call's last attempt, for tests and reports
-    # each loss the Ray job recovered from (distributed/recovery.py's Recovery, as a dict)
+    # each loss the Ray job recovered from, and each move it planned (distributed/recovery.py's
+    # Recovery, as a dict)
     recoveries: list[dict] = field(default_factory=list)
+    # why this attempt stopped before spec.end, at a checkpoint (distributed/elastic.py)
+    stopped: str | None = None
 
 
 class Runtime(Protocol):
@@ -76,6 +79,11 @@ class Runtime(Protocol):
 
     def report(self, step: int, metrics: dict, checkpoint: Path | None) -> None:
         """Called by every worker at each checkpoint (Ray Train's report is a barrier)."""
+        ...
+
+    def stop_requested(self, done: int) -> str | None:
+        """Why to stop after step ``done`` (a checkpoint is written there first), or None;
+        every worker gets the same answer for the same step."""
         ...
 
 
@@ -131,6 +139,9 @@ def run(spec: RunSpec, rt: Runtime) -> TrainResult:
         else:
             bad = 0
         metrics["optim/skipped_total"] = skipped
+        # A preemption notice, or a node with room for more expert actors (Ray): the job
+        # moves at this step, from the checkpoint written below.
+        stop = rt.stop_requested(done) if done < spec.end else None
         if lead and done == spec.start + 1:
             # When the run (or a resumed one) got going: a recovery's time is measured to it.
             metrics_log.write({"step": done, "event": "first_step", "time/unix": time.time()})
@@ -144,8 +155,8 @@ def run(spec: RunSpec, rt: Runtime) -> TrainResult:
                 elapsed = time.perf_counter() - t_begin
                 log.info(progress_line(done, tc.steps, loss, tokens_seen / elapsed,
                                        elapsed / (done - spec.start) * (spec.end - done)))
-        if spec.eval_location and ((tc.eval_every and done % tc.eval_every == 0)
-                                   or done == tc.steps):
+        if spec.eval_location and not stop and ((tc.eval_every and done % tc.eval_every == 0)
+                                                or done == tc.steps):
             if lead:
                 eval_metrics = evaluate(model, eval_data, tokenizer, cfg, info=spec.info,
                                         device=device)
@@ -154,17 +165,20 @@ def run(spec: RunSpec, rt: Runtime) -> TrainResult:
                                                               indent=1))
                 log.info(eval_line(done, eval_metrics))
             rt.comm.barrier()  # the others wait here, not in the router's rendezvous
-        if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done in (spec.end,
-                                                                                 tc.steps):
-            # Not in a run of skipped steps (but at the end): the checkpoint from before it
+        last = done in (spec.end, tc.steps) or bool(stop)
+        if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or last:
+            # Not in a run of skipped steps (but the last): the checkpoint from before it
             # must stay (pruning would take it), and a skipped step changed nothing.
-            keep = not bad or done in (spec.end, tc.steps)
+            keep = not bad or last
             path = save(spec, done, rt.owners) if lead and keep else None
             last_checkpoint = path or last_checkpoint
             report = {"step": done, "loss/total": loss, **metrics}
-            if done == spec.end:
-                report.update({"losses": losses, "eval": eval_metrics})
+            if done == spec.end or stop:
+                report.update({"losses": losses, "eval": eval_metrics, "stopped": stop})
             rt.report(done, report, path)
+        if stop:
+            log.info("step %d: stopped (%s), at this step's checkpoint", done, stop)
+            return TrainResult(run_dir, done, loss, eval_metrics, losses, stopped=stop)
         t0 = time.perf_counter()
     if len(losses) != spec.end - spec.start:
         raise RuntimeError(f"the data stream ended after {len(losses)} of the steps "

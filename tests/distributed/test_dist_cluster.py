@@ -1,5 +1,6 @@
 """Several nodes (simulated with ray.cluster_utils.Cluster) and logical GPUs on a CPU machine:
-placement over nodes, GPU shares, and a node lost mid-run."""
+placement over nodes, GPU shares, and one run through a joining node, a preemption notice and
+a node lost mid-run."""
 from __future__ import annotations
 
 import json
@@ -31,72 +32,29 @@ def cluster():
     c.shutdown()
 
 
+def _topology(run_dir) -> dict:
+    path = run_dir / "ray_topology.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet (or being rewritten)
+        return {"expert_actors": []}
+
+
+def _drain(cluster, node, seconds: float) -> None:
+    """A spot instance's preemption notice, as Ray Core gets it (what Ray's own chaos tests
+    send): the node drains, to be reclaimed ``seconds`` from now."""
+    from ray.core.generated import autoscaler_pb2
+    gcs = ray._raylet.GcsClient(address=cluster.gcs_address)
+    accepted, why = gcs.drain_node(
+        node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        "spot instance reclaimed", int((time.time() + seconds) * 1000))
+    assert accepted, why
+
+
 def _logged_step(run_dir) -> int:
     path = run_dir / "metrics.jsonl"
     return max((m["step"] for m in read_metrics(path) if "loss/total" in m),
                default=0) if path.exists() else 0
-
-
-def test_expert_actors_spread_over_nodes_and_a_removed_nodes_experts_come_back_elsewhere(
-        cluster, synth_dir, tmp_path):
-    """A third GPU node joins; 3 expert actors spread over the 3 GPU nodes with their GPU
-    share, the router beside them. Mid-run the third node is removed: the job recovers by
-    itself, its experts restart on the two nodes left, and the run stays on one process's
-    curve."""
-    extra = cluster.add_node(num_cpus=2, num_gpus=2)
-    cluster.wait_for_nodes()
-    common = {"train.steps": 12, "train.checkpoint_every": 4, "train.log_every": 1,
-              "model.depth": 4}
-    cfg = tiny_config(synth_dir, tmp_path / "ray", **common, **{
-        "distributed.backend": "ray", "experts.num_actors": 3, "experts.cpus_per_actor": 0.5,
-        "experts.gpus_per_actor": 0.5, "experts.placement": "spread"})
-    topology = cfg.run_dir / "ray_topology.json"
-    seen: dict = {}
-
-    def remove_the_extra_node():
-        deadline = time.time() + 300
-        while time.time() < deadline and _logged_step(cfg.run_dir) < 6:
-            time.sleep(0.05)
-        seen["before"] = json.loads(topology.read_text())
-        cluster.remove_node(extra)
-
-    remover = threading.Thread(target=remove_the_extra_node)
-    remover.start()
-    try:
-        result = train(cfg)
-    finally:
-        remover.join()
-
-    before = seen["before"]
-    actors = before["expert_actors"]
-    # Placement: the shards each actor hosts are exactly what the pure function says.
-    hosts = place_experts(cfg.num_moe_layers, cfg.model.moe.num_experts, 3)
-    assert [[tuple(s) for s in a["shards"]] for a in actors] == hosts
-    # Spread: one actor on each GPU node, none on the GPU-less head.
-    nodes = [a["node_id"] for a in actors]
-    head = ray.get_runtime_context().get_node_id()
-    assert len(set(nodes)) == 3 and head not in nodes and extra.node_id in nodes
-    # The router (0 CPUs: it could go anywhere) runs beside the experts, not on the head.
-    assert before["router"]["node_id"] in nodes
-    # Each actor holds the fractional GPU share the config gives it.
-    for a in actors:
-        assert a["resources"].get("GPU") == pytest.approx(0.5)
-        assert len(a["gpu_ids"]) == 1
-        assert a["device"] == "cpu"  # logical GPUs only: CUDA is not there, the actor says so
-
-    # The node's loss was recovered from: its expert actor (and whatever else it hosted) was
-    # named, and every actor now runs on a node that is still there.
-    assert result.steps_done == 12
-    [recovery] = result.recoveries
-    lost_actor = nodes.index(extra.node_id)
-    assert f"expert actor {lost_actor}" in recovery["loss"], recovery["loss"]
-    assert recovery["steps_lost"] <= 4
-    after = json.loads(topology.read_text())["expert_actors"]
-    assert len(after) == 3 and extra.node_id not in {a["node_id"] for a in after}
-    ref = train(tiny_config(synth_dir, tmp_path / "local", **common))
-    logged = {m["step"]: m["loss/total"] for m in read_metrics(cfg.run_dir / "metrics.jsonl")
-              if "loss/total" in m}
-    assert [logged[s] for s in range(1, 13)] == pytest.approx(ref.losses, rel=1e-5)
 
 
 def test_a_router_with_a_gpu_share_runs_on_the_first_expert_actors_gpu(cluster, synth_dir,
@@ -126,3 +84,102 @@ def test_impossible_gpu_request_fails_fast_with_the_keys(cluster, synth_dir, tmp
     with pytest.raises(RuntimeError, match="experts.gpus_per_actor"):
         start_moe_actors(cfg, timeout_s=5)
 
+
+def test_the_experts_grow_onto_a_joining_node_leave_a_preempted_one_and_survive_a_lost_one(
+        cluster, synth_dir, tmp_path):
+    """One run, experts.num_actors [1, 4], one expert actor per GPU node (each takes both of a
+    node's logical GPUs). It starts on the 2 GPU nodes, spread (none on the GPU-less head, the
+    router beside them). Then:
+    - a third GPU node joins: at the next checkpoint the run grows to 3 actors, one on it;
+    - that node gets a preemption notice (a drain with a deadline): the run stops after the
+      step it is in, writes a checkpoint and moves back to 2 actors before the deadline,
+      losing no finished step; the node is then reclaimed;
+    - a node hosting an expert actor is removed without notice: a loss, recovered from the
+      last checkpoint on the one GPU node left.
+    The whole run stays on one process's loss curve."""
+    a, b = cluster.worker_nodes
+    common = {"train.steps": 24, "train.checkpoint_every": 4, "train.log_every": 1,
+              "model.depth": 4}
+    cfg = tiny_config(synth_dir, tmp_path / "ray", **common, **{
+        "distributed.backend": "ray", "experts.num_actors": "[1, 4]",
+        "experts.cpus_per_actor": 0.5, "experts.gpus_per_actor": 2,
+        "experts.placement": "spread"})
+    seen: dict = {}
+
+    def wait_until(what, condition, timeout_s=240.0):
+        deadline = time.time() + timeout_s
+        while not condition():
+            assert time.time() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    def actors_on():
+        return [x["node_id"] for x in _topology(cfg.run_dir)["expert_actors"]]
+
+    def run():
+        try:
+            seen["result"] = train(cfg)
+        except BaseException as err:  # noqa: BLE001
+            seen["error"] = err
+
+    def running():
+        assert "error" not in seen, seen["error"]
+        return "result" not in seen
+
+    # The run goes on in a thread: the cluster changes here (Ray's node processes want the
+    # main thread).
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_until("the first steps", lambda: _logged_step(cfg.run_dir) >= 2 or not running())
+        seen["start"] = _topology(cfg.run_dir)
+        c = cluster.add_node(num_cpus=2, num_gpus=2)
+        wait_until("3 actors", lambda: len(actors_on()) == 3 or not running())
+        seen["grown"] = _topology(cfg.run_dir)
+        grown_at = _logged_step(cfg.run_dir)
+        wait_until("a step on 3 actors", lambda: _logged_step(cfg.run_dir) > grown_at
+                   or not running())
+        _drain(cluster, c, seconds=120)
+        drained_at = _logged_step(cfg.run_dir)
+        wait_until("the move off the drained node", lambda: not running() or (
+            len(actors_on()) == 2 and c.node_id not in actors_on()))
+        cluster.remove_node(c)  # reclaimed
+        moved_to = _logged_step(cfg.run_dir)
+        wait_until("steps after the move",
+                   lambda: _logged_step(cfg.run_dir) >= moved_to + 3 or not running())
+        cluster.remove_node(b)  # no notice
+    finally:
+        thread.join()
+    assert "error" not in seen, seen["error"]
+    result = seen["result"]
+
+    # Placement at the start: 2 actors, one on each GPU node, the router beside them.
+    head = ray.get_runtime_context().get_node_id()
+    start = seen["start"]["expert_actors"]
+    assert sorted(x["node_id"] for x in start) == sorted([a.node_id, b.node_id])
+    assert [[tuple(sh) for sh in x["shards"]] for x in start] == place_experts(
+        cfg.num_moe_layers, cfg.model.moe.num_experts, 2)
+    assert seen["start"]["router"]["node_id"] in {a.node_id, b.node_id} - {head}
+    for x in start:
+        assert x["resources"].get("GPU") == pytest.approx(2) and len(x["gpu_ids"]) == 2
+        assert x["device"] == "cpu"  # logical GPUs only: CUDA is not there, the actor says so
+    # Grown: the third actor on the node that joined.
+    assert c.node_id in {x["node_id"] for x in seen["grown"]["expert_actors"]}
+
+    grow, preempt, loss = result.recoveries
+    assert grow["planned"] and "joined" in grow["loss"] and grow["resumed_from_step"] % 4 == 0
+    assert preempt["planned"] and "preemption notice" in preempt["loss"]
+    assert c.node_id in preempt["loss"]
+    # Just in time: the checkpoint is of a step past the notice, so no finished step is lost.
+    assert preempt["resumed_from_step"] >= drained_at
+    assert grow["steps_lost"] == preempt["steps_lost"] == 0
+    assert not loss["planned"] and "expert actor" in loss["loss"], loss["loss"]
+    assert 0 < loss["steps_lost"] <= 4
+    for r in result.recoveries:
+        assert r["recovery_s"] is not None and r["recovery_s"] < 120
+    assert [x["node_id"] for x in _topology(cfg.run_dir)["expert_actors"]] == [a.node_id]
+    assert result.steps_done == 24
+
+    ref = train(tiny_config(synth_dir, tmp_path / "local", **common))
+    logged = {m["step"]: m["loss/total"] for m in read_metrics(cfg.run_dir / "metrics.jsonl")
+              if "loss/total" in m}
+    assert [logged[s] for s in range(1, 25)] == pytest.approx(ref.losses, rel=1e-5)

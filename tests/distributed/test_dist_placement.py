@@ -1,7 +1,8 @@
-"""Expert placement is a pure function: tested without Ray."""
+"""Expert placement, and how many actors fit, are pure functions: tested without Ray."""
 import pytest
 
 from expertpar.config import ConfigError, config_from_dict
+from expertpar.distributed.elastic import StopSignal, actor_shapes, fit_count
 from expertpar.distributed.placement import (actor_of, check_num_actors, owner_table,
                                              place_experts)
 
@@ -59,3 +60,64 @@ def test_train_workers_share_their_nodes_cores_unless_told():
     assert worker_threads(None, 1) == cores
     assert worker_threads(None, cores * 2) == 1
     assert worker_threads(5, 1) == 5
+
+
+# ---------------------------------------------------------------- elastic: counts and stops
+
+def test_a_range_of_actors_is_read_and_checked():
+    base = {"data": {"train": "x"}, "distributed": {"backend": "ray"}}
+    ex = config_from_dict({**base, "experts": {"num_actors": [2, 4]}}).experts
+    assert (ex.min_actors, ex.max_actors, ex.elastic) == (2, 4, True)
+    fixed = config_from_dict({**base, "experts": {"num_actors": 3}}).experts
+    assert (fixed.min_actors, fixed.max_actors, fixed.elastic) == (3, 3, False)
+    for bad in ([4, 2], [0, 2], [2], [1, 2, 3]):
+        with pytest.raises(ConfigError, match=r"experts.num_actors.*\[min, max\]"):
+            config_from_dict({**base, "experts": {"num_actors": bad}})
+    with pytest.raises(ConfigError, match="experts.num_actors.*expert shards"):
+        config_from_dict({**base, "experts": {"num_actors": [2, 9]}})  # 2 layers x 4 experts
+
+
+def test_fit_count_places_the_workers_first_then_as_many_actors_as_fit():
+    free = {"a": {"CPU": 2.0, "GPU": 2.0}, "b": {"CPU": 2.0, "GPU": 1.0}, "head": {"CPU": 2.0}}
+    actor = {"CPU": 0.5, "GPU": 1.0}
+    assert fit_count(free, [actor] * 5) == 3  # the GPUs bound it
+    # Two workers of 1 CPU leave a CPU on two nodes: still room for three.
+    assert fit_count(free, [actor] * 5, reserve=[{"CPU": 1.0}] * 2) == 3
+    # Four workers of 1.5 CPUs leave 0.5 CPU on each GPU node: one actor on each.
+    assert fit_count(free, [actor] * 5, reserve=[{"CPU": 1.5}] * 4) == 2
+    assert fit_count({}, [actor]) == 0
+    # The shapes are taken in order: a bigger first one (a router's share) that fits nowhere
+    # stops the count.
+    assert fit_count(free, [{"CPU": 0.5, "GPU": 3.0}, actor]) == 0
+
+
+def test_actor_shapes_carry_the_routers_gpu_share_in_bundle_r_mod_a():
+    cfg = config_from_dict({
+        "data": {"train": "x"}, "distributed": {"backend": "ray", "num_workers": 2},
+        "model": {"moe": {"routing_groups": 2}},
+        "experts": {"num_actors": 3, "gpus_per_actor": 0.5, "router_gpus": 0.25,
+                    "router_cpus": 1.0, "num_routers": 2}})
+    assert actor_shapes(cfg, 3) == [{"CPU": 2.0, "GPU": 0.75}, {"CPU": 2.0, "GPU": 0.75},
+                                    {"CPU": 1.0, "GPU": 0.5}]
+    assert actor_shapes(cfg, 2, routers=False) == [{"CPU": 1.0, "GPU": 0.5}] * 2
+
+
+def test_every_worker_stops_at_the_same_step_whoever_asks_first():
+    # Worker 1 has asked about step 7 and goes on to step 8 (it cannot finish 8 alone); the
+    # notice comes while worker 0 is still finishing 7: both must stop after 8, not 7.
+    s = StopSignal(start=4, checkpoint_every=5)
+    assert s.poll(1, 7, "n1") is None
+    assert s.request("preemption notice", at_checkpoint=False) == 8
+    assert s.poll(0, 7, "n0") is None
+    assert s.poll(0, 8, "n0") == s.poll(1, 8, "n1") == "preemption notice"
+    assert s.worker_nodes() == ["n0", "n1"]
+    # A joining node waits for the next checkpoint step; a notice after it moves the stop
+    # earlier, never later.
+    s = StopSignal(start=0, checkpoint_every=5)
+    s.poll(0, 6, "n0")
+    assert s.request("node joined", at_checkpoint=True) == 10
+    assert s.request("preemption notice", at_checkpoint=False) == 7
+    assert s.request("node joined", at_checkpoint=True) == 7
+    assert [s.poll(0, d, "n0") for d in (7, 8)] == ["preemption notice"] * 2
+    # Before any worker asked: the first step of the run.
+    assert StopSignal(start=12, checkpoint_every=0).request("x", at_checkpoint=True) == 13
