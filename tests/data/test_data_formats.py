@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from shard_helpers import write_repeated_keys_shard
 
 from expertpar.data.formats import (
     RawSample,
@@ -90,6 +91,18 @@ def test_unreadable_tar_names_file(tmp_path: Path) -> None:
     bad.write_bytes(b"this is not a tar archive" * 40)
     with pytest.raises(ValueError, match="broken.tar"):
         list(iter_webdataset([bad]))
+
+
+def test_reader_yields_a_repeated_key_unread_with_its_reason(tmp_path: Path) -> None:
+    shard = write_repeated_keys_shard(tmp_path / "dup.tar")
+    got = {s.key: s for s in iter_webdataset([shard])}
+    assert list(got) == ["a", "b", "c", "d", "e"]  # one sample per key, in first-seen order
+    for key in ("a", "c"):
+        assert (got[key].image, got[key].caption, got[key].error[0]) == (None, None, "duplicate_key")
+        assert str(shard) in got[key].error[1]
+    # Members of d and e interleave: each still pairs up, and is not a repeat.
+    assert (got["d"].caption, got["e"].caption) == ("a teal square", "a purple square")
+    assert got["d"].error is None and got["e"].error is None
 
 
 @pytest.mark.parametrize("cut", [700, 2560, 2800])  # inside data, at a header boundary, inside a header

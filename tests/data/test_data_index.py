@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shard_helpers import CountingMap, png, write_manifest_dir, write_messy_shard
+from shard_helpers import (CountingMap, png, write_manifest_dir, write_messy_shard,
+                           write_repeated_keys_shard)
 
 from expertpar.data.dataset import ImageTextDataset
 from expertpar.data.formats import RawSample, iter_samples, write_webdataset
@@ -69,7 +70,8 @@ def shards(tmp_path: Path) -> Path:
 def test_index_equals_sequential_reader_for_tar_shards(shards: Path, messy: Path) -> None:
     for extra in ("a.tar", "b.tar"):  # several shards, one with every kind of bad sample
         shutil.copy(messy / "shard-00000.tar", shards / extra)
-    assert len(sorted(shards.glob("*.tar"))) == 5
+    write_repeated_keys_shard(shards / "c.tar")
+    assert len(sorted(shards.glob("*.tar"))) == 6
     index = SampleIndex.build(str(shards))
     expected = _valid(shards)
     _assert_same_samples(index, expected)
@@ -78,6 +80,8 @@ def test_index_equals_sequential_reader_for_tar_shards(shards: Path, messy: Path
     # The image member is the first image of the sample, and long (PAX) names keep their offsets.
     keys = list(index.keys)
     assert "three" in keys and "two" not in keys and ("deep/" + "x" * 120) in keys
+    # A repeated key is in neither; members of one key that interleave with another's are.
+    assert "a" not in keys and "c" not in keys and {"b", "d", "e"} <= set(keys)
 
 
 def test_index_equals_sequential_reader_for_a_manifest(tmp_path: Path) -> None:
@@ -302,3 +306,23 @@ def test_a_100_kb_caption_is_skipped_and_a_non_utf8_one_kept(tmp_path: Path,
     assert list(index.keys) == [s.key for s in loaded.samples] == ["latin1", "fine"]
     # A stray byte costs one character, not the sample.
     assert index.captions[0] == "un carr\ufffd gris"
+
+
+def test_a_repeated_key_is_one_duplicate_key_skip_in_the_index_and_the_loader(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    shard = write_repeated_keys_shard(tmp_path / "dup" / "000000.tar")
+    with caplog.at_level(logging.WARNING, logger="expertpar"):
+        index = SampleIndex.build(str(shard.parent))
+    loaded = ImageTextDataset.load(shard.parent)
+    assert index.skipped.counts == loaded.skipped.counts == {"duplicate_key": 2}
+    assert index.skipped.as_metrics()["data/skipped/duplicate_key"] == 2
+    assert list(index.keys) == [s.key for s in loaded.samples] == ["b", "d", "e"]
+    # Logged with its key, its shard and the members that repeat.
+    assert "'a' (duplicate_key)" in caplog.text and str(shard) in caplog.text
+    assert "a.png x2, a.txt x2" in caplog.text and "c.png x2" in caplog.text
+    # The skips sit where a sequential reader meets them: `a` before `b`, `c` after it.
+    for max_samples, want in ((0, {}), (1, {"duplicate_key": 1}), (2, {"duplicate_key": 2})):
+        limited = SampleIndex.open(index.location, max_samples=max_samples)
+        assert limited.skipped.counts == want
+        assert ImageTextDataset.load(shard.parent, max_samples=max_samples).skipped.counts == want
+
