@@ -175,6 +175,8 @@ def scan_manifest(uri: str) -> ScannedFile:
     for row in iter_manifest_rows(uri):
         image = storage.read_bytes_if_file(row.image_uri) if row.image_uri else None
         try:
+            if row.error is not None:
+                raise SampleError(*row.error)
             caption = checked_caption(row.key, row.caption, has_image=image is not None)
             decode_image(image, key=row.key)
         except SampleError as exc:

@@ -326,3 +326,47 @@ def test_a_repeated_key_is_one_duplicate_key_skip_in_the_index_and_the_loader(
         assert limited.skipped.counts == want
         assert ImageTextDataset.load(shard.parent, max_samples=max_samples).skipped.counts == want
 
+
+def _outside_manifest(tmp_path: Path) -> Path:
+    # m/list.csv with two rows inside m/ and four that point at tmp_path/outside.png.
+    (tmp_path / "outside.png").write_bytes(png((1, 1, 1)))
+    (tmp_path / "m" / "img").mkdir(parents=True)
+    (tmp_path / "m" / "img" / "0.png").write_bytes(png((10, 10, 10)))
+    (tmp_path / "m" / "img" / "1.png").write_bytes(png((20, 20, 20)))
+    manifest = tmp_path / "m" / "list.csv"
+    outside = tmp_path / "outside.png"
+    manifest.write_text("filepath,caption\n"
+                        "img/0.png,inside\n"
+                        "../outside.png,up one\n"
+                        "img/../../outside.png,up and around\n"
+                        f"{outside},absolute\n"
+                        f"{outside.as_uri()},file uri\n"
+                        f"{tmp_path / 'm' / 'img' / '.' / '1.png'},absolute but inside\n")
+    return manifest
+
+
+def test_manifest_rows_outside_its_directory_are_skipped_unread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from expertpar.data import storage
+    manifest = _outside_manifest(tmp_path)
+    read: list[str] = []
+    real_read_bytes = storage.read_bytes
+
+    def spy(uri):
+        read.append(str(uri))
+        return real_read_bytes(uri)
+    monkeypatch.setattr(storage, "read_bytes", spy)
+    with caplog.at_level(logging.WARNING, logger="expertpar"):
+        index = SampleIndex.build(str(manifest))
+    loaded = ImageTextDataset.load(manifest)
+    assert index.skipped.counts == loaded.skipped.counts == {"outside_manifest_dir": 4}
+    assert list(index.keys) == [s.key for s in loaded.samples] == [
+        "img/0.png", str(tmp_path / "m" / "img" / "." / "1.png")]
+    assert index.locate(1).uri == str(tmp_path / "m" / "img" / "1.png")
+    # Every image read is in m/ (the manifest itself is streamed, not read whole).
+    assert read and all(Path(uri).is_relative_to(tmp_path / "m") for uri in read)
+    # The log names each row as manifest:line.
+    for line in (3, 4, 5, 6):
+        assert f"{manifest}:{line}: image path" in caplog.text
+    assert "(outside_manifest_dir)" in caplog.text
+
