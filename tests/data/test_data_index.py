@@ -370,3 +370,29 @@ def test_manifest_rows_outside_its_directory_are_skipped_unread(
         assert f"{manifest}:{line}: image path" in caplog.text
     assert "(outside_manifest_dir)" in caplog.text
 
+
+def test_tar_member_names_with_dotdot_or_absolute_paths_write_nothing_outside(tmp_path: Path) -> None:
+    import tarfile
+
+    from shard_helpers import add_member
+    shard = tmp_path / "data" / "deep" / "000000.tar"
+    shard.parent.mkdir(parents=True)
+    absolute = f"/{tmp_path.name}-absolute/x"  # a directory that does not exist
+    with tarfile.open(shard, "w") as tar:
+        add_member(tar, "../../escape.png", png((1, 2, 3)))
+        add_member(tar, "../../escape.txt", b"a name that climbs out")
+        add_member(tar, f"{absolute}.png", png((4, 5, 6)))
+        add_member(tar, f"{absolute}.txt", b"an absolute name")
+    before = set(tmp_path.rglob("*"))
+    index = SampleIndex.build(str(shard.parent))
+    loaded = ImageTextDataset.load(shard.parent)
+    # Members are read in place from the tar, never extracted: the names are only keys.
+    assert list(index.keys) == [s.key for s in loaded.samples] == ["../../escape", absolute]
+    new = set(tmp_path.rglob("*")) - before
+    assert new and all(p.relative_to(shard.parent).parts[0] == INDEX_DIR for p in new)
+    assert not Path(absolute).parent.exists()
+    # Writing them out again (a conversion) keeps every member inside the output directory.
+    (out,) = write_webdataset(iter_samples(shard.parent), tmp_path / "out")
+    with tarfile.open(out) as tar:
+        assert tar.getnames() == ["escape.png", "escape.json", f"{absolute[1:]}.png",
+                                  f"{absolute[1:]}.json"]
