@@ -30,6 +30,8 @@ def combine_seed(seed: int, index: int) -> int:
 
 def validate_sample(raw: RawSample) -> tuple[Image.Image, str]:
     """Decoded RGB image and stripped caption, or SampleError naming why not."""
+    if raw.error is not None:
+        raise SampleError(*raw.error)
     caption = checked_caption(raw.key, raw.caption, has_image=raw.image is not None)
     return decode_image(raw.image, key=raw.key), caption  # type: ignore[arg-type]
 

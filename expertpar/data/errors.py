@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 # so dashboards get stable keys from the first step.
 # New reasons go last: an index on disk stores a skip's reason by its position here.
 SKIP_REASONS: tuple[str, ...] = ("corrupt_image", "empty_caption", "missing_caption",
-                                 "missing_image", "caption_too_long")
+                                 "missing_image", "caption_too_long", "duplicate_key",
+                                 "outside_manifest_dir")
 
 
 class SampleError(ValueError):

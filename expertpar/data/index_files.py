@@ -37,7 +37,9 @@ from .scan import RECORD_DTYPE, SKIP_DTYPE, ScannedFile
 
 logger = logging.getLogger("expertpar")
 
-FORMAT_VERSION = 1
+# 2: keys repeated in a shard and manifest rows outside their directory became skips; an
+# index built before that may hold such samples, so it is not reused.
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
 # file name -> dtype of its elements
 ARRAYS: dict[str, np.dtype] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import posixpath
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -25,6 +26,7 @@ class ManifestRow(NamedTuple):
     image_ext: str | None
     caption: str | None  # None when the row is too short to have one
     meta: dict
+    error: tuple[str, str] | None = None  # (reason, message): the row is skipped unread
 
 
 def manifest_delimiter(path: str | Path) -> str:
@@ -44,16 +46,43 @@ def _parse_label(value: str, path: str | Path, line: int) -> int:
         raise ValueError(f"{path}:{line}: label {value!r} is not an integer") from None
 
 
-def _image_uri(base: str, filepath: str, manifest: str | Path, line: int) -> str:
-    # Relative paths are relative to the manifest; a cell may also be a full URI.
+def _root_and_path(uri: str) -> tuple[str, str]:
+    # ("s3://bucket", "/key") for an object store, ("", "/abs/path") for a local path, so that
+    # both are checked with the same POSIX path arithmetic.
+    if storage.is_remote(uri):
+        scheme, _, rest = uri.partition("://")
+        bucket, _, key = rest.partition("/")
+        return f"{scheme}://{bucket}", "/" + key
+    return "", uri
+
+
+def _image_uri(base: str, filepath: str) -> str | None:
+    """Where a row's image is (normalised), or None when that is outside the manifest's directory.
+
+    Relative paths are relative to the manifest; a cell may also be an absolute path or a full
+    URI, but in every form it must name a file under the manifest's directory: the rows are
+    data (often scraped), and `../../etc/passwd.png` or `/home/x/secret.png` must not be read.
+    The check is on the path as written, after collapsing `.` and `..`; a symlink inside the
+    directory is followed, since whoever lays out the dataset directory put it there (a
+    mounted image folder is often one).
+    """
     if storage.scheme_of(filepath):
-        return storage.normalize(filepath)
-    if os.path.isabs(filepath):
+        try:
+            target = storage.normalize(filepath)
+        except ValueError:
+            return None  # e.g. http://: a URI we cannot read is not under the directory either
+    elif os.path.isabs(filepath):
         if storage.is_remote(base):
-            raise ValueError(f"{manifest}:{line}: absolute image path {filepath!r} in a remote "
-                             f"manifest; use a path relative to the manifest or a full URI")
-        return filepath
-    return storage.join(base, filepath)
+            return None  # a local path is never inside a bucket
+        target = filepath
+    else:
+        target = storage.join(base, filepath)
+    base_root, base_path = _root_and_path(base)
+    root, path = _root_and_path(target)
+    path = posixpath.normpath(path)
+    if root != base_root or posixpath.commonpath([base_path, path]) != base_path:
+        return None
+    return root + path
 
 
 def iter_manifest_rows(path: str | Path) -> Iterator[ManifestRow]:
@@ -91,17 +120,24 @@ def _rows(reader: csv.DictReader, base: str, path: str | Path) -> Iterator[Manif
                     meta["label"] = _parse_label(value.strip(), path, line)
             else:
                 meta[name] = value
-        image_uri = _image_uri(base, filepath, path, line) if filepath else None
+        image_uri = _image_uri(base, filepath) if filepath else None
         ext = (PurePosixPath(filepath).suffix.lower().lstrip(".") or None) if filepath else None
-        yield ManifestRow(line, filepath, image_uri, ext, caption, meta)
+        error = None
+        if filepath and image_uri is None:
+            # Skipped and counted like a row whose image is missing, not a refused manifest:
+            # one bad row of millions should not stop a run, and nothing outside is read.
+            error = ("outside_manifest_dir", f"{path}:{line}: image path {filepath!r} is outside "
+                     f"the manifest's directory {base}; not read")
+        yield ManifestRow(line, filepath, image_uri, ext, caption, meta, error)
 
 
 def iter_manifest(path: str | Path) -> Iterator[RawSample]:
-    """Yield one RawSample per row; a missing image file gives image=None (counted later)."""
+    """Yield one RawSample per row; a missing image file gives image=None (counted later), a
+    path outside the manifest's directory an `error` (counted later, nothing read)."""
     for row in iter_manifest_rows(path):
         image = storage.read_bytes_if_file(row.image_uri) if row.image_uri else None
         yield RawSample(key=row.key, image=image, image_ext=row.image_ext, caption=row.caption,
-                        meta=row.meta)
+                        meta=row.meta, error=row.error)
 
 
 def write_manifest(samples: Iterable[RawSample], out_path: str | Path, *,

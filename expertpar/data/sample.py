@@ -25,6 +25,11 @@ class RawSample:
     image_ext: str | None
     caption: str | None
     meta: dict = field(default_factory=dict)
+    # (reason, message) when the reader itself found the sample unusable (a key repeated in
+    # its shard, a manifest row outside its directory): nothing of it was read, and
+    # validation raises this before any other check. A tuple, not a SampleError, so that
+    # samples still compare equal by value.
+    error: tuple[str, str] | None = None
 
 
 # A caption longer than this is not a description but junk (a page, a dump): the tokenizer

@@ -23,8 +23,8 @@ from .errors import SKIP_REASONS, SampleError
 from .decode import decode_image
 from .manifest import iter_manifest_rows
 from .sample import IMAGE_EXTS, checked_caption, label_of
-from .webdataset import (TEXT_EXTS, caption_and_meta, check_not_truncated, compression_of,
-                         first_image_ext, member_key)
+from .webdataset import (TEXT_EXTS, RepeatedMembers, caption_and_meta, check_not_truncated,
+                         compression_of, first_image_ext, member_key)
 
 logger = logging.getLogger("expertpar")
 
@@ -106,11 +106,12 @@ class _Image(NamedTuple):
     error: SampleError | None
 
 
-def _scan_members(uri: str, size: int) -> dict[str, dict]:
+def _scan_members(uri: str, size: int) -> tuple[dict[str, dict], RepeatedMembers]:
     # key -> {ext: _Image for the sample's image, bytes for text members, None otherwise},
-    # first member per (key, ext) kept and insertion order = first appearance, exactly as
-    # iter_webdataset groups them.
+    # first member per (key, ext) kept, later ones counted as repeats, and insertion order =
+    # first appearance, exactly as iter_webdataset groups them.
     groups: dict[str, dict] = {}
+    repeats = RepeatedMembers()
     members = 0
     with storage.open_input(uri) as stream:
         try:
@@ -123,6 +124,7 @@ def _scan_members(uri: str, size: int) -> dict[str, dict]:
                 key, ext = named
                 exts = groups.setdefault(key, {})
                 if ext in exts:
+                    repeats.add(key, ext)
                     continue
                 if ext in IMAGE_EXTS and first_image_ext(exts) is None:
                     data = tar.extractfile(member).read()
@@ -135,7 +137,7 @@ def _scan_members(uri: str, size: int) -> dict[str, dict]:
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ValueError(f"cannot read tar shard {uri}: {exc}") from exc
     check_not_truncated(uri, size, end, members)
-    return groups
+    return groups, repeats
 
 
 def scan_tar(uri: str) -> ScannedFile:
@@ -147,7 +149,12 @@ def scan_tar(uri: str) -> ScannedFile:
                          f"by byte offset, which needs uncompressed .tar shards; decompress it "
                          f"first (e.g. `{'gunzip' if kind == 'gzip' else 'un' + kind} -c`)")
     rows = _Rows(uri)
-    for key, exts in _scan_members(uri, size).items():
+    groups, repeats = _scan_members(uri, size)
+    for key, exts in groups.items():
+        duplicate = repeats.error(uri, key)
+        if duplicate is not None:
+            rows.skip(key, SampleError(*duplicate))
+            continue
         image_ext = first_image_ext(exts)
         caption, meta = caption_and_meta(uri, key, exts, exts.__getitem__)  # text exts hold bytes
         try:
@@ -168,6 +175,8 @@ def scan_manifest(uri: str) -> ScannedFile:
     for row in iter_manifest_rows(uri):
         image = storage.read_bytes_if_file(row.image_uri) if row.image_uri else None
         try:
+            if row.error is not None:
+                raise SampleError(*row.error)
             caption = checked_caption(row.key, row.caption, has_image=image is not None)
             decode_image(image, key=row.key)
         except SampleError as exc:

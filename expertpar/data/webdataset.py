@@ -40,15 +40,56 @@ def member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
     return key, ext
 
 
-def _group_members(tar: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
+class RepeatedMembers:
+    """The (key, ext) members that occur more than once in one shard, and how often.
+
+    What "a repeated key" means: a key one of whose members, the same (key, ext), occurs
+    twice or more in the shard (`a.jpg a.txt b.jpg b.txt a.jpg a.txt`, adjacent or not).
+    A key that merely comes back with another extension (`a.jpg b.jpg a.txt`) is not
+    repeated: members of one sample may lie anywhere in a shard (writers that interleave),
+    and they pair up. Once a member repeats, two samples share the key and nothing tells
+    which caption goes with which image (the first `.jpg` and the first `.txt` may come
+    from different samples), so no "first occurrence" can be kept without risking a wrong
+    pair: every member of the key is dropped and the key counts once as `duplicate_key`.
+    The sample index (scan.py) and the streaming reader both use this class, so both see
+    the same samples and the same skips.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, int]] = {}  # key -> ext -> occurrences (>= 2)
+
+    def add(self, key: str, ext: str) -> None:
+        """Record one more occurrence of (key, ext), already met earlier in the shard."""
+        exts = self._counts.setdefault(key, {})
+        exts[ext] = exts.get(ext, 1) + 1
+
+    def error(self, shard: str | Path, key: str) -> tuple[str, str] | None:
+        """('duplicate_key', message naming the shard and the repeated members), or None."""
+        exts = self._counts.get(key)
+        if not exts:
+            return None
+        repeated = ", ".join(f"{key}.{ext} x{n}" for ext, n in exts.items())
+        return ("duplicate_key", f"sample {key!r}: key repeated in tar shard {shard} "
+                f"({repeated}); which member belongs to which sample is unknown, so none is used")
+
+
+def _group_members(tar: tarfile.TarFile) -> tuple[dict[str, dict[str, tarfile.TarInfo]],
+                                                  RepeatedMembers]:
     # Group by key over the whole shard (not just adjacent runs) so shards written by
     # tools that interleave members still pair up; insertion order = first appearance.
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    repeats = RepeatedMembers()
     for member in tar.getmembers():
         named = member_key(member)
-        if named is not None:
-            groups.setdefault(named[0], {}).setdefault(named[1], member)
-    return groups
+        if named is None:
+            continue
+        key, ext = named
+        exts = groups.setdefault(key, {})
+        if ext in exts:
+            repeats.add(key, ext)
+        else:
+            exts[ext] = member
+    return groups, repeats
 
 
 def first_image_ext(exts: Iterable[str]) -> str | None:
@@ -129,7 +170,7 @@ def _read_shard(path: Path, shown: str) -> Iterator[RawSample]:
         raise ValueError(f"cannot read tar shard {shown}: {exc}") from exc
     with tar:
         try:
-            groups = _group_members(tar)
+            groups, repeats = _group_members(tar)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise ValueError(f"cannot read tar shard {shown}: {exc}") from exc
         with path.open("rb") as f:
@@ -137,6 +178,10 @@ def _read_shard(path: Path, shown: str) -> Iterator[RawSample]:
         if not compressed:  # a decompressor reports truncation itself
             check_not_truncated(shown, path.stat().st_size, tar.offset, len(tar.getmembers()))
         for key, members in groups.items():
+            error = repeats.error(shown, key)
+            if error is not None:  # nothing of it is read: no member can be trusted
+                yield RawSample(key=key, image=None, image_ext=None, caption=None, error=error)
+                continue
             try:
                 sample = _sample_from_group(tar, shown, key, members)
             except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
@@ -239,5 +284,6 @@ def _remove_stale_shards(out_dir: Path, prefix: str, count: int) -> None:
             path.unlink()
 
 
-__all__ = ["TEXT_EXTS", "caption_and_meta", "check_not_truncated", "compression_of", "first_image_ext",
+__all__ = ["TEXT_EXTS", "RepeatedMembers", "caption_and_meta", "check_not_truncated",
+           "compression_of", "first_image_ext",
            "iter_webdataset", "member_key", "safe_key", "split_member_name", "write_webdataset"]

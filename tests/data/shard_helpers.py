@@ -51,6 +51,27 @@ def write_messy_shard(path: Path) -> Path:
     return path
 
 
+def write_repeated_keys_shard(path: Path) -> Path:
+    """3 good samples (b, and d and e whose members interleave: not repeats) and 2 repeated keys,
+    each one duplicate_key skip: `a` again after another key, and `c` with its image twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        add_member(tar, "a.png", png((200, 0, 0)))
+        add_member(tar, "a.txt", b"a red square")
+        add_member(tar, "b.png", png((0, 200, 0)))
+        add_member(tar, "b.txt", b"a green square")
+        add_member(tar, "a.png", png((0, 0, 200)))  # another sample under the same key
+        add_member(tar, "a.txt", b"a blue square")
+        add_member(tar, "c.png", png((9, 9, 9)))
+        add_member(tar, "c.txt", b"a dark square")
+        add_member(tar, "c.png", png((250, 250, 250)))  # which one is the dark square?
+        add_member(tar, "d.png", png((0, 90, 90)))
+        add_member(tar, "e.png", png((90, 0, 90)))
+        add_member(tar, "d.txt", b"a teal square")
+        add_member(tar, "e.txt", b"a purple square")
+    return path
+
+
 def write_manifest_dir(root: Path) -> Path:
     """A CSV manifest with relative image paths, one missing image and one empty caption."""
     (root / "img").mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from shard_helpers import write_repeated_keys_shard
 
 from expertpar.data.formats import (
     RawSample,
@@ -17,6 +18,7 @@ from expertpar.data.formats import (
     write_manifest,
     write_webdataset,
 )
+from expertpar.data.manifest import _image_uri
 
 
 def _samples(n: int) -> list[RawSample]:
@@ -90,6 +92,42 @@ def test_unreadable_tar_names_file(tmp_path: Path) -> None:
     bad.write_bytes(b"this is not a tar archive" * 40)
     with pytest.raises(ValueError, match="broken.tar"):
         list(iter_webdataset([bad]))
+
+
+def test_reader_yields_a_repeated_key_unread_with_its_reason(tmp_path: Path) -> None:
+    shard = write_repeated_keys_shard(tmp_path / "dup.tar")
+    got = {s.key: s for s in iter_webdataset([shard])}
+    assert list(got) == ["a", "b", "c", "d", "e"]  # one sample per key, in first-seen order
+    for key in ("a", "c"):
+        assert (got[key].image, got[key].caption, got[key].error[0]) == (None, None, "duplicate_key")
+        assert str(shard) in got[key].error[1]
+    # Members of d and e interleave: each still pairs up, and is not a repeat.
+    assert (got["d"].caption, got["e"].caption) == ("a teal square", "a purple square")
+    assert got["d"].error is None and got["e"].error is None
+
+
+@pytest.mark.parametrize("base, cell, want", [
+    ("/data/m", "img/a.png", "/data/m/img/a.png"),
+    ("/data/m", "img/./x/../a.png", "/data/m/img/a.png"),
+    ("/data/m", "/data/m/img/a.png", "/data/m/img/a.png"),
+    ("/data/m", "file:///data/m/img/a.png", "/data/m/img/a.png"),
+    ("/data/m", "../a.png", None),
+    ("/data/m", "img/../../m2/a.png", None),  # a sibling that shares the name's prefix
+    ("/data/m", "/data/m2/a.png", None),
+    ("/data/m", "file:///etc/a.png", None),
+    ("/data/m", "s3://b/data/m/a.png", None),
+    ("s3://b/m", "img/a.png", "s3://b/m/img/a.png"),
+    ("s3://b/m", "s3://b/m/img/a.png", "s3://b/m/img/a.png"),
+    ("s3://b/m", "../a.png", None),
+    ("s3://b/m", "/m/a.png", None),  # a local path is never in the bucket
+    ("s3://b/m", "s3://b/m2/a.png", None),
+    ("s3://b/m", "s3://other/m/a.png", None),
+    ("s3://b/m", "gs://b/m/a.png", None),
+    ("s3://b/m", "http://example.com/m/a.png", None),
+])
+def test_a_manifest_image_path_must_resolve_under_the_manifest_directory(base: str, cell: str,
+                                                                       want: str | None) -> None:
+    assert _image_uri(base, cell) == want
 
 
 @pytest.mark.parametrize("cut", [700, 2560, 2800])  # inside data, at a header boundary, inside a header

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -91,6 +93,26 @@ def test_pixel_limit_guards_bombs() -> None:
     with pytest.raises(SampleError, match="decompression bomb") as info:
         decode_image(_encode(_rgb_image((40, 30))), key="big", max_pixels=1000)
     assert info.value.reason == "corrupt_image"
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    # A 1x1 PNG whose header (IHDR, with a valid CRC) says width x height: a bomb's header
+    # in a few dozen bytes.
+    data = bytearray(_encode(_rgb_image((1, 1))))
+    assert data[12:16] == b"IHDR"
+    struct.pack_into(">II", data, 16, width, height)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+# 8,000^2 is over our 50 M pixel cap only; 100,000^2 is over Pillow's own bomb limit as well.
+@pytest.mark.parametrize("side", [8_000, 100_000])
+def test_a_header_claiming_a_bomb_size_is_refused_from_the_header(side: int) -> None:
+    # Decoding the pixels would fail as "cannot decode" (there is one pixel of data), so the
+    # bomb message shows the header alone refused it.
+    with pytest.raises(SampleError, match="decompression bomb") as info:
+        decode_image(_png_claiming(side, side), key="bomb")
+    assert info.value.reason == "corrupt_image" and "'bomb'" in str(info.value)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shard_helpers import CountingMap, png, write_manifest_dir, write_messy_shard
+from shard_helpers import (CountingMap, png, write_manifest_dir, write_messy_shard,
+                           write_repeated_keys_shard)
 
 from expertpar.data.dataset import ImageTextDataset
 from expertpar.data.formats import RawSample, iter_samples, write_webdataset
@@ -69,7 +70,8 @@ def shards(tmp_path: Path) -> Path:
 def test_index_equals_sequential_reader_for_tar_shards(shards: Path, messy: Path) -> None:
     for extra in ("a.tar", "b.tar"):  # several shards, one with every kind of bad sample
         shutil.copy(messy / "shard-00000.tar", shards / extra)
-    assert len(sorted(shards.glob("*.tar"))) == 5
+    write_repeated_keys_shard(shards / "c.tar")
+    assert len(sorted(shards.glob("*.tar"))) == 6
     index = SampleIndex.build(str(shards))
     expected = _valid(shards)
     _assert_same_samples(index, expected)
@@ -78,6 +80,8 @@ def test_index_equals_sequential_reader_for_tar_shards(shards: Path, messy: Path
     # The image member is the first image of the sample, and long (PAX) names keep their offsets.
     keys = list(index.keys)
     assert "three" in keys and "two" not in keys and ("deep/" + "x" * 120) in keys
+    # A repeated key is in neither; members of one key that interleave with another's are.
+    assert "a" not in keys and "c" not in keys and {"b", "d", "e"} <= set(keys)
 
 
 def test_index_equals_sequential_reader_for_a_manifest(tmp_path: Path) -> None:
@@ -302,3 +306,93 @@ def test_a_100_kb_caption_is_skipped_and_a_non_utf8_one_kept(tmp_path: Path,
     assert list(index.keys) == [s.key for s in loaded.samples] == ["latin1", "fine"]
     # A stray byte costs one character, not the sample.
     assert index.captions[0] == "un carr\ufffd gris"
+
+
+def test_a_repeated_key_is_one_duplicate_key_skip_in_the_index_and_the_loader(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    shard = write_repeated_keys_shard(tmp_path / "dup" / "000000.tar")
+    with caplog.at_level(logging.WARNING, logger="expertpar"):
+        index = SampleIndex.build(str(shard.parent))
+    loaded = ImageTextDataset.load(shard.parent)
+    assert index.skipped.counts == loaded.skipped.counts == {"duplicate_key": 2}
+    assert index.skipped.as_metrics()["data/skipped/duplicate_key"] == 2
+    assert list(index.keys) == [s.key for s in loaded.samples] == ["b", "d", "e"]
+    # Logged with its key, its shard and the members that repeat.
+    assert "'a' (duplicate_key)" in caplog.text and str(shard) in caplog.text
+    assert "a.png x2, a.txt x2" in caplog.text and "c.png x2" in caplog.text
+    # The skips sit where a sequential reader meets them: `a` before `b`, `c` after it.
+    for max_samples, want in ((0, {}), (1, {"duplicate_key": 1}), (2, {"duplicate_key": 2})):
+        limited = SampleIndex.open(index.location, max_samples=max_samples)
+        assert limited.skipped.counts == want
+        assert ImageTextDataset.load(shard.parent, max_samples=max_samples).skipped.counts == want
+
+
+def _outside_manifest(tmp_path: Path) -> Path:
+    # m/list.csv with two rows inside m/ and four that point at tmp_path/outside.png.
+    (tmp_path / "outside.png").write_bytes(png((1, 1, 1)))
+    (tmp_path / "m" / "img").mkdir(parents=True)
+    (tmp_path / "m" / "img" / "0.png").write_bytes(png((10, 10, 10)))
+    (tmp_path / "m" / "img" / "1.png").write_bytes(png((20, 20, 20)))
+    manifest = tmp_path / "m" / "list.csv"
+    outside = tmp_path / "outside.png"
+    manifest.write_text("filepath,caption\n"
+                        "img/0.png,inside\n"
+                        "../outside.png,up one\n"
+                        "img/../../outside.png,up and around\n"
+                        f"{outside},absolute\n"
+                        f"{outside.as_uri()},file uri\n"
+                        f"{tmp_path / 'm' / 'img' / '.' / '1.png'},absolute but inside\n")
+    return manifest
+
+
+def test_manifest_rows_outside_its_directory_are_skipped_unread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from expertpar.data import storage
+    manifest = _outside_manifest(tmp_path)
+    read: list[str] = []
+    real_read_bytes = storage.read_bytes
+
+    def spy(uri):
+        read.append(str(uri))
+        return real_read_bytes(uri)
+    monkeypatch.setattr(storage, "read_bytes", spy)
+    with caplog.at_level(logging.WARNING, logger="expertpar"):
+        index = SampleIndex.build(str(manifest))
+    loaded = ImageTextDataset.load(manifest)
+    assert index.skipped.counts == loaded.skipped.counts == {"outside_manifest_dir": 4}
+    assert list(index.keys) == [s.key for s in loaded.samples] == [
+        "img/0.png", str(tmp_path / "m" / "img" / "." / "1.png")]
+    assert index.locate(1).uri == str(tmp_path / "m" / "img" / "1.png")
+    # Every image read is in m/ (the manifest itself is streamed, not read whole).
+    assert read and all(Path(uri).is_relative_to(tmp_path / "m") for uri in read)
+    # The log names each row as manifest:line.
+    for line in (3, 4, 5, 6):
+        assert f"{manifest}:{line}: image path" in caplog.text
+    assert "(outside_manifest_dir)" in caplog.text
+
+
+def test_tar_member_names_with_dotdot_or_absolute_paths_write_nothing_outside(tmp_path: Path) -> None:
+    import tarfile
+
+    from shard_helpers import add_member
+    shard = tmp_path / "data" / "deep" / "000000.tar"
+    shard.parent.mkdir(parents=True)
+    absolute = f"/{tmp_path.name}-absolute/x"  # a directory that does not exist
+    with tarfile.open(shard, "w") as tar:
+        add_member(tar, "../../escape.png", png((1, 2, 3)))
+        add_member(tar, "../../escape.txt", b"a name that climbs out")
+        add_member(tar, f"{absolute}.png", png((4, 5, 6)))
+        add_member(tar, f"{absolute}.txt", b"an absolute name")
+    before = set(tmp_path.rglob("*"))
+    index = SampleIndex.build(str(shard.parent))
+    loaded = ImageTextDataset.load(shard.parent)
+    # Members are read in place from the tar, never extracted: the names are only keys.
+    assert list(index.keys) == [s.key for s in loaded.samples] == ["../../escape", absolute]
+    new = set(tmp_path.rglob("*")) - before
+    assert new and all(p.relative_to(shard.parent).parts[0] == INDEX_DIR for p in new)
+    assert not Path(absolute).parent.exists()
+    # Writing them out again (a conversion) keeps every member inside the output directory.
+    (out,) = write_webdataset(iter_samples(shard.parent), tmp_path / "out")
+    with tarfile.open(out) as tar:
+        assert tar.getnames() == ["escape.png", "escape.json", f"{absolute[1:]}.png",
+                                  f"{absolute[1:]}.json"]
