@@ -132,3 +132,75 @@ def test_a_checkpoint_of_another_model_is_refused_listing_every_difference(synth
     again = tiny_config(synth_dir, tmp_path, **{"train.steps": 4,
                                                 "model.moe.capacity_factor": 2.0})
     assert train(again).steps_done == 4
+
+
+# The child: trains like the parent's run, but its checkpoint writer dies (os._exit, no
+# clean-up, no finally) right after the first tensor file of the step-CRASH_AT checkpoint.
+_CRASHING_RUN = """
+import os, sys
+from safetensors.torch import save_file as real_save_file
+import expertpar.train.checkpoint as checkpoint
+from expertpar.app import train
+from expertpar.config import load_config
+
+def save_file(tensors, path, *args, **kwargs):
+    real_save_file(tensors, path, *args, **kwargs)
+    if ".tmp-step_%06d-" % int(sys.argv[2]) in path:
+        os._exit(9)
+
+checkpoint.save_file = save_file
+train(load_config(sys.argv[1]))
+sys.exit("the run finished: the writer never crashed")
+"""
+
+
+def test_a_crash_mid_checkpoint_resumes_from_the_previous_one(synth_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from expertpar.config import dump_config
+    from expertpar.train.metrics import read_metrics
+    over = {"train.steps": 10, "train.checkpoint_every": 4, "train.log_every": 1}
+    full = train(tiny_config(synth_dir, tmp_path / "ref", **over))
+    cfg = tiny_config(synth_dir, tmp_path / "crash", **over)
+    job = tmp_path / "job.yaml"
+    job.write_text(dump_config(cfg))
+    script = tmp_path / "crashing_run.py"
+    script.write_text(_CRASHING_RUN)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [repo] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    child = subprocess.run([sys.executable, str(script), str(job), "8"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 9, child.stderr[-3000:]
+
+    root = cfg.run_dir / "checkpoints"
+    # The crash left a partial temporary directory holding one tensor file, and no step 8.
+    partial = list(root.glob(".tmp-step_000008-*"))
+    assert len(partial) == 1
+    assert len([p for p in partial[0].rglob("*.safetensors")]) == 1
+    assert not (partial[0] / "manifest.json").exists()
+    assert not (root / "step_000008").exists()
+    assert (root / "latest").read_text().strip() == "step_000004"
+    previous = latest_checkpoint(root)
+    assert previous == root / "step_000004"
+    assert verify(previous)["step"] == 4
+
+    resumed = train(cfg)
+    # Lost: steps 5..8, at most the checkpoint interval; the run goes on from step 4 to 10.
+    assert resumed.steps_done == 10 and len(resumed.losses) == 10 - 4
+    assert resumed.losses == full.losses[4:]  # bit for bit on CPU
+    assert latest_checkpoint(root).name == "step_000010"
+    assert not list(root.glob(".tmp-*"))  # the crashed writer's leftovers are swept
+    # metrics.jsonl: the crashed attempt's steps 5..8 replaced, each step once, as if the
+    # run had never crashed.
+    def losses(run_dir):
+        return [(r["step"], r["loss/total"]) for r in read_metrics(run_dir / "metrics.jsonl")
+                if "loss/total" in r]
+    assert losses(cfg.run_dir) == losses(full.run_dir)
+    assert [s for s, _ in losses(cfg.run_dir)] == list(range(1, 11))
+    starts = [r["step"] for r in read_metrics(cfg.run_dir / "metrics.jsonl")
+              if r.get("event") == "start"]
+    assert starts == [0, 4]
