@@ -204,3 +204,51 @@ def test_a_crash_mid_checkpoint_resumes_from_the_previous_one(synth_dir, tmp_pat
     starts = [r["step"] for r in read_metrics(cfg.run_dir / "metrics.jsonl")
               if r.get("event") == "start"]
     assert starts == [0, 4]
+
+
+class _RunsCode:
+    """Unpickling this makes a directory: proof that something was unpickled."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.mkdir, (self.marker,)
+
+
+def test_checkpoints_are_read_without_unpickling(synth_dir, tmp_path, monkeypatch):
+    import hashlib
+    import pickle
+
+    from expertpar.app.evaluate import evaluate_run
+    small = {"train.checkpoint_every": 2, "data.max_eval_samples": 64}
+    cfg = tiny_config(synth_dir, tmp_path, **{"train.steps": 2, **small})
+    train(cfg)
+
+    # With every unpickler gone, a run still resumes from its checkpoint and evaluates it.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was unpickled")
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"),
+                         (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    more = tiny_config(synth_dir, tmp_path, **{"train.steps": 4, **small})
+    assert len(train(more).losses) == 2
+    assert evaluate_run(cfg.run_dir)["step"] == 4
+    monkeypatch.undo()
+
+    # A tensor file replaced by a pickle (as torch.save writes), its checksum in the manifest
+    # updated too: refused as not safetensors, and the pickle's code never runs.
+    ckpt = latest_checkpoint(cfg.run_dir / "checkpoints")
+    marker = tmp_path / "unpickled"
+    bad = pickle.dumps({"w": _RunsCode(str(marker))})
+    (ckpt / "dense.safetensors").write_bytes(bad)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["dense.safetensors"] = hashlib.sha256(bad).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert latest_checkpoint(cfg.run_dir / "checkpoints") == ckpt  # it verifies
+    with pytest.raises(Exception, match="deserializing header"):
+        train(tiny_config(synth_dir, tmp_path, **{"train.steps": 6, **small}))
+    with pytest.raises(Exception, match="deserializing header"):
+        evaluate_run(cfg.run_dir)
+    assert not marker.exists()
