@@ -162,7 +162,8 @@ def test_a_crash_mid_checkpoint_resumes_from_the_previous_one(synth_dir, tmp_pat
 
     from expertpar.config import dump_config
     from expertpar.train.metrics import read_metrics
-    over = {"train.steps": 10, "train.checkpoint_every": 4, "train.log_every": 1}
+    over = {"train.steps": 10, "train.checkpoint_every": 4, "train.log_every": 1,
+            "data.max_eval_samples": 64}
     full = train(tiny_config(synth_dir, tmp_path / "ref", **over))
     cfg = tiny_config(synth_dir, tmp_path / "crash", **over)
     job = tmp_path / "job.yaml"
