@@ -145,7 +145,7 @@ from expertpar.config import load_config
 
 def save_file(tensors, path, *args, **kwargs):
     real_save_file(tensors, path, *args, **kwargs)
-    if ".tmp-step_%06d-" % int(sys.argv[2]) in path:
+    if "step_%06d" % int(sys.argv[2]) in path:  # wherever the writer puts that step
         os._exit(9)
 
 checkpoint.save_file = save_file
@@ -178,9 +178,10 @@ def test_a_crash_mid_checkpoint_resumes_from_the_previous_one(synth_dir, tmp_pat
     assert child.returncode == 9, child.stderr[-3000:]
 
     root = cfg.run_dir / "checkpoints"
-    # The crash left a partial temporary directory holding one tensor file, and no step 8.
+    # The crash came after one tensor file of step 8, which lies in a temporary directory
+    # with no manifest: a step_ directory appears only when complete.
     partial = list(root.glob(".tmp-step_000008-*"))
-    assert len(partial) == 1
+    assert len(partial) == 1, sorted(p.name for p in root.iterdir())
     assert len([p for p in partial[0].rglob("*.safetensors")]) == 1
     assert not (partial[0] / "manifest.json").exists()
     assert not (root / "step_000008").exists()
