@@ -82,14 +82,20 @@ def _recv(conn: socket.socket):
 _CLOSED = object()
 
 
-def _same_user(conn: socket.socket) -> bool:
-    """Whether the process at the other end runs as this user (SO_PEERCRED, Linux; elsewhere
-    the socket file's 0600 mode keeps others out)."""
+def _peer_uid(conn: socket.socket) -> int | None:
+    """The user the process at the other end runs as (SO_PEERCRED, Linux; None elsewhere)."""
     if not hasattr(socket, "SO_PEERCRED"):
-        return True
+        return None
     _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                     struct.calcsize("3i")))
-    return uid == os.getuid()
+    return uid
+
+
+def _same_user(conn: socket.socket) -> bool:
+    """Whether the process at the other end runs as this user (elsewhere than Linux the
+    socket file's 0600 mode keeps others out)."""
+    uid = _peer_uid(conn)
+    return uid is None or uid == os.getuid()
 
 
 class CallServer:
@@ -212,6 +218,12 @@ class Peer:
             try:
                 conn.settimeout(self.timeout_s)
                 conn.connect(socket_name(self.link_id))
+                if not _same_user(conn):
+                    # A reply is a pickle too: a name taken by another user's process (an
+                    # abstract socket is free again once its server dies) is never read from.
+                    raise PermissionError(f"the process serving {self.name}'s socket runs as "
+                                          f"user {_peer_uid(conn)}, not {os.getuid()}: refused, "
+                                          f"nothing sent")
             except BaseException:
                 conn.close()
                 raise

@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import stat
 import tempfile
 import threading
 import uuid
@@ -250,11 +251,22 @@ class Inbox:
 
 
 def _map_file(path: str) -> torch.Tensor:
+    _check_buffer(path)
     buffer_U8 = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
     # Both ends have it mapped now, so the name can go: the memory lives as long as a mapping
     # does, and nothing is left behind if either process is killed.
     Path(path).unlink(missing_ok=True)
     return buffer_U8
+
+
+def _check_buffer(path: str) -> None:
+    """Map (and then remove) only what a sender of this user made: a wire buffer, this user's,
+    readable by no one else. A message naming any other file is refused before it is opened."""
+    st = os.stat(path, follow_symlinks=False)
+    if (_NAME.match(os.path.basename(path)) is None or not stat.S_ISREG(st.st_mode)
+            or st.st_uid != os.getuid() or st.st_mode & 0o077):
+        raise PermissionError(f"wire: {path} is not a shared buffer of this user (owner uid "
+                              f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): refused")
 
 
 def _open_ipc(gpu: str, handle: tuple) -> torch.Tensor:
@@ -298,7 +310,12 @@ def sweep_dead(directory: Path | None = None) -> list[Path]:
         if process_alive(int(m.group(1))):
             continue
         path = directory / name
-        path.unlink(missing_ok=True)
+        try:
+            if path.lstat().st_uid != os.getuid():
+                continue  # another user's (in a shared /dev/shm): not ours to remove
+            path.unlink()
+        except OSError:  # gone meanwhile, or not removable here: nothing to sweep
+            continue
         removed.append(path)
     return removed
 

@@ -79,6 +79,7 @@ class Head:
     home: Path
     token: str
     real_token_before: object
+    temp_dir: Path  # Ray's session files: its logs, the jobs' driver logs, uploaded packages
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def head_node(tmp_path_factory):
             time.sleep(2)
         else:
             pytest.fail(f"the head's job server at {url} did not come up: {ok.stderr[-2000:]}")
-        yield Head(url, env, home, token, real_before)
+        yield Head(url, env, home, token, real_before, Path(temp_dir))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -235,4 +236,9 @@ def test_the_readme_submit_command_works_as_written_on_a_fresh_clone(head_node, 
     assert head.token not in out.stdout + out.stderr
     leaked = [p for p in run_dir.rglob("*") if p.is_file() and head.token.encode() in
               p.read_bytes()]
+    assert not leaked, leaked
+    # ... nor in any file of Ray's session: its logs and the job's driver log.
+    ray_files = [p for p in head.temp_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name.startswith("job-driver-") for p in ray_files), ray_files[:20]
+    leaked = [p for p in ray_files if head.token.encode() in p.read_bytes()]
     assert not leaked, leaked

@@ -132,3 +132,125 @@ def test_a_checkpoint_of_another_model_is_refused_listing_every_difference(synth
     again = tiny_config(synth_dir, tmp_path, **{"train.steps": 4,
                                                 "model.moe.capacity_factor": 2.0})
     assert train(again).steps_done == 4
+
+
+# The child: trains like the parent's run, but its checkpoint writer dies (os._exit, no
+# clean-up, no finally) right after the first tensor file of the step-CRASH_AT checkpoint.
+_CRASHING_RUN = """
+import os, sys
+from safetensors.torch import save_file as real_save_file
+import expertpar.train.checkpoint as checkpoint
+from expertpar.app import train
+from expertpar.config import load_config
+
+def save_file(tensors, path, *args, **kwargs):
+    real_save_file(tensors, path, *args, **kwargs)
+    if "step_%06d" % int(sys.argv[2]) in path:  # wherever the writer puts that step
+        os._exit(9)
+
+checkpoint.save_file = save_file
+train(load_config(sys.argv[1]))
+sys.exit("the run finished: the writer never crashed")
+"""
+
+
+def test_a_crash_mid_checkpoint_resumes_from_the_previous_one(synth_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from expertpar.config import dump_config
+    from expertpar.train.metrics import read_metrics
+    over = {"train.steps": 10, "train.checkpoint_every": 4, "train.log_every": 1,
+            "data.max_eval_samples": 64}
+    full = train(tiny_config(synth_dir, tmp_path / "ref", **over))
+    cfg = tiny_config(synth_dir, tmp_path / "crash", **over)
+    job = tmp_path / "job.yaml"
+    job.write_text(dump_config(cfg))
+    script = tmp_path / "crashing_run.py"
+    script.write_text(_CRASHING_RUN)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [repo] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    child = subprocess.run([sys.executable, str(script), str(job), "8"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 9, child.stderr[-3000:]
+
+    root = cfg.run_dir / "checkpoints"
+    # The crash came after one tensor file of step 8, which lies in a temporary directory
+    # with no manifest: a step_ directory appears only when complete.
+    partial = list(root.glob(".tmp-step_000008-*"))
+    assert len(partial) == 1, sorted(p.name for p in root.iterdir())
+    assert len([p for p in partial[0].rglob("*.safetensors")]) == 1
+    assert not (partial[0] / "manifest.json").exists()
+    assert not (root / "step_000008").exists()
+    assert (root / "latest").read_text().strip() == "step_000004"
+    previous = latest_checkpoint(root)
+    assert previous == root / "step_000004"
+    assert verify(previous)["step"] == 4
+
+    resumed = train(cfg)
+    # Lost: steps 5..8, at most the checkpoint interval; the run goes on from step 4 to 10.
+    assert resumed.steps_done == 10 and len(resumed.losses) == 10 - 4
+    assert resumed.losses == full.losses[4:]  # bit for bit on CPU
+    assert latest_checkpoint(root).name == "step_000010"
+    assert not list(root.glob(".tmp-*"))  # the crashed writer's leftovers are swept
+    # metrics.jsonl: the crashed attempt's steps 5..8 replaced, each step once, as if the
+    # run had never crashed.
+    def losses(run_dir):
+        return [(r["step"], r["loss/total"]) for r in read_metrics(run_dir / "metrics.jsonl")
+                if "loss/total" in r]
+    assert losses(cfg.run_dir) == losses(full.run_dir)
+    assert [s for s, _ in losses(cfg.run_dir)] == list(range(1, 11))
+    starts = [r["step"] for r in read_metrics(cfg.run_dir / "metrics.jsonl")
+              if r.get("event") == "start"]
+    assert starts == [0, 4]
+
+
+class _RunsCode:
+    """Unpickling this makes a directory: proof that something was unpickled."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.mkdir, (self.marker,)
+
+
+def test_checkpoints_are_read_without_unpickling(synth_dir, tmp_path, monkeypatch):
+    import hashlib
+    import pickle
+
+    from expertpar.app.evaluate import evaluate_run
+    small = {"train.checkpoint_every": 2, "data.max_eval_samples": 64}
+    cfg = tiny_config(synth_dir, tmp_path, **{"train.steps": 2, **small})
+    train(cfg)
+
+    # With every unpickler gone, a run still resumes from its checkpoint and evaluates it.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was unpickled")
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"),
+                         (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    more = tiny_config(synth_dir, tmp_path, **{"train.steps": 4, **small})
+    assert len(train(more).losses) == 2
+    assert evaluate_run(cfg.run_dir)["step"] == 4
+    monkeypatch.undo()
+
+    # A tensor file replaced by a pickle (as torch.save writes), its checksum in the manifest
+    # updated too: refused as not safetensors, and the pickle's code never runs.
+    ckpt = latest_checkpoint(cfg.run_dir / "checkpoints")
+    marker = tmp_path / "unpickled"
+    bad = pickle.dumps({"w": _RunsCode(str(marker))})
+    (ckpt / "dense.safetensors").write_bytes(bad)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["dense.safetensors"] = hashlib.sha256(bad).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert latest_checkpoint(cfg.run_dir / "checkpoints") == ckpt  # it verifies
+    with pytest.raises(Exception, match="deserializing header"):
+        train(tiny_config(synth_dir, tmp_path, **{"train.steps": 6, **small}))
+    with pytest.raises(Exception, match="deserializing header"):
+        evaluate_run(cfg.run_dir)
+    assert not marker.exists()
