@@ -1,6 +1,5 @@
 """Security defaults of the Ray driver (app/ray_job.py's ``ray_init``), without starting Ray:
-what it asks ``ray.init`` for is captured. The marked ones describe a change to ray_job.py that
-is still to be made (strict: once it is made they pass, and the mark must go)."""
+what it asks ``ray.init`` for is captured."""
 from __future__ import annotations
 
 import os
@@ -12,8 +11,6 @@ import pytest
 from conftest import tiny_config
 from expertpar.app import ray_job
 
-PENDING = pytest.mark.xfail(strict=True, reason="needs the ray_init change in app/ray_job.py "
-                            "described in the security audit")
 SECRETS = {"AWS_SECRET_ACCESS_KEY": "canary-aws-secret", "AWS_SESSION_TOKEN": "canary-session",
            "EXPERTPAR_S3_PASSWORD": "canary-password"}
 
@@ -51,7 +48,6 @@ def test_an_embedded_rays_dashboard_listens_on_localhost(synth_dir, tmp_path, ca
     assert kwargs["address"] == "local" and kwargs["dashboard_host"] == "127.0.0.1"
 
 
-@PENDING
 @pytest.mark.parametrize("address", [None, "auto"], ids=["embedded", "attached"])
 def test_no_secret_travels_in_the_runtime_environment(synth_dir, tmp_path, captured,
                                                       monkeypatch, address):
@@ -64,7 +60,6 @@ def test_no_secret_travels_in_the_runtime_environment(synth_dir, tmp_path, captu
     assert not [v for v in SECRETS.values() if v in repr(kwargs)], kwargs
 
 
-@PENDING
 def test_an_embedded_ray_without_token_authentication_is_refused(synth_dir, tmp_path, captured,
                                                                  monkeypatch):
     # Ray's own ports (GCS, raylet, object manager, workers) listen on every interface.
@@ -74,7 +69,6 @@ def test_an_embedded_ray_without_token_authentication_is_refused(synth_dir, tmp_
     assert captured == []
 
 
-@PENDING
 def test_the_token_an_embedded_ray_makes_is_this_users_alone(synth_dir, tmp_path, captured):
     old = os.umask(0o022)
     try:
@@ -83,4 +77,4 @@ def test_the_token_an_embedded_ray_makes_is_this_users_alone(synth_dir, tmp_path
         os.umask(old)
     token = Path.home() / ".ray" / "auth_token"
     dir_mode, file_mode = (stat.S_IMODE(p.stat().st_mode) for p in (token.parent, token))
-    assert not dir_mode & 0o077 or not file_mode & 0o077, (oct(dir_mode), oct(file_mode))
+    assert not dir_mode & 0o077 and not file_mode & 0o077, (oct(dir_mode), oct(file_mode))

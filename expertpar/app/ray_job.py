@@ -47,7 +47,7 @@ def ray_init(cfg: Config) -> bool:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = cfg.distributed.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning",
-                                **forwarded_environment()}}
+                                **forwarded_environment(attached=bool(address))}}
     # Ray's own messages stay in its log files (`--verbose` shows them); workers' progress
     # lines reach the console through the driver (see relay_console).
     quiet = dict(log_to_driver=False, logging_level=logging.DEBUG
@@ -60,10 +60,18 @@ def ray_init(cfg: Config) -> bool:
         need = (cfg.distributed.num_workers * (cfg.distributed.cpus_per_worker + 1)
                 + cfg.experts.max_actors * cfg.experts.cpus_per_actor + 2)
         num_cpus = cfg.distributed.embedded_num_cpus or max(os.cpu_count() or 1, int(need + 0.5))
+        mode = os.environ.get("RAY_AUTH_MODE", "token")
+        if mode.lower() != "token":
+            raise ValueError(f"RAY_AUTH_MODE={mode}: an embedded Ray would run without token "
+                             f"authentication, and Ray's own ports (GCS, raylet, object "
+                             f"manager) listen on every interface; unset RAY_AUTH_MODE or set "
+                             f"it to token")
+        private_ray_dir()
         # The dashboard serves the state API that Ray Train's clean-up polls; it listens on
         # 127.0.0.1 only.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", runtime_env=runtime_env, **quiet)
+        private_ray_dir()  # the token Ray has just made
     return True
 
 
@@ -100,13 +108,37 @@ def relay_console():
         ray.kill(queue.actor)
 
 
-FORWARDED = ("AWS_", "GOOGLE_", "EXPERTPAR_")  # object-store credentials, endpoints, index cache
+FORWARDED = ("AWS_", "GOOGLE_", "EXPERTPAR_")  # object-store settings, endpoints, index cache
+# Never passed on through Ray: Ray writes a runtime environment, env_vars included, to its logs
+# (runtime_env_agent.log) and keeps it in the GCS.
+SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY")
 
 
-def forwarded_environment() -> dict[str, str]:
-    """The driver's storage settings, for every Ray worker, actor and task: data on s3:// or
-    gs:// must be readable wherever Ray Data and the index scans run."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
+def forwarded_environment(attached: bool = True) -> dict[str, str]:
+    """The driver's storage settings for every Ray worker, actor and task of a cluster it
+    attaches to (an embedded Ray's processes inherit this environment): endpoints, regions,
+    EXPERTPAR_*; never a credential (the nodes need their own: an instance role, or the
+    variables in the environment of `ray start`)."""
+    if not attached:
+        return {}
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
+    withheld = sorted(k for k in env if any(w in k.upper() for w in SECRET_WORDS))
+    if withheld:
+        log.warning("not passed to the cluster's workers (Ray writes a job's environment to its "
+                    "logs): %s; give the nodes their own credentials (an instance role, or these "
+                    "variables in the environment of `ray start`)", ", ".join(withheld))
+    return {k: v for k, v in env.items() if k not in withheld}
+
+
+def private_ray_dir() -> None:
+    """Ray 2.60 writes the token it makes for a local cluster to ~/.ray/auth_token with the
+    umask's mode (0644, in a 0755 ~/.ray): keep both to this user."""
+    ray_dir = Path.home() / ".ray"
+    ray_dir.mkdir(mode=0o700, exist_ok=True)
+    ray_dir.chmod(0o700)
+    token = ray_dir / "auth_token"
+    if token.exists():
+        token.chmod(0o600)
 
 
 def scaling(cfg: Config) -> dict:
