@@ -9,9 +9,11 @@ as a recovery does (app/ray_job.py), but without running a finished step again:
   in, inside the drain window, so the checkpoint is just in time;
 - a joining node stops them at the next checkpoint step, so growth writes no extra one.
 
-The workers agree on the step through one small actor (``StopSignal``): each asks it after
-every step; a request fixes the stop one step past the furthest step any worker has asked
-about, which no worker has passed (a worker cannot finish the next step without the others).
+The workers agree on the step through one small actor (``StopSignal``). Each sends it a
+question after every step and reads the answer after the next one, so the call never waits on
+the hot path. A request fixes the stop two steps past the furthest step any worker has asked
+about: no worker can have finished the next step without the others, and every worker asks
+about that next step after the request, so each reads the stop in time to stop at it.
 """
 from __future__ import annotations
 
@@ -117,14 +119,15 @@ class StopSignal:
         self.stop_at: int | None = None
         self.reason: str | None = None
 
-    def poll(self, rank: int, done: int, node_id: str) -> str | None:
+    def poll(self, rank: int, done: int, node_id: str) -> tuple[int, str] | None:
+        """Worker ``rank`` has finished step ``done``: the stop fixed so far (step, reason)."""
         self.asked[rank], self.nodes[rank] = done, node_id
-        return self.reason if self.stop_at is not None and done >= self.stop_at else None
+        return (self.stop_at, self.reason) if self.stop_at is not None else None
 
     def request(self, reason: str, at_checkpoint: bool) -> int:
-        """Stop at the first step no worker has passed (at a checkpoint step, if asked); an
-        earlier stop already fixed stands, a later one gives way."""
-        first = max(self.asked.values(), default=self.start) + 1
+        """Stop at the first step every worker will hear of in time (at a checkpoint step, if
+        asked); an earlier stop already fixed stands, a later one gives way."""
+        first = max(self.asked.values(), default=self.start) + 2
         at = -(-first // self.every) * self.every if at_checkpoint and self.every else first
         if self.stop_at is None or at < self.stop_at:
             self.stop_at, self.reason = at, reason

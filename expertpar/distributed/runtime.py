@@ -124,6 +124,8 @@ class RayRuntime:
         self.rank, self.world = rank, world
         self.eval_location = spec.eval_location
         self.signal, self.node_id = payload.signal, ray.get_runtime_context().get_node_id()
+        self._question = None  # the stop signal's answer in flight (for the step before)
+        self._stop: tuple[int, str] | None = None  # (step, reason) once one is fixed
         log.info("train worker %d of %d on %s (%s), %d torch threads", rank, world, self.device,
                  f"GPUs {ray.get_gpu_ids()}" if ray.get_gpu_ids() else "no GPU",
                  torch.get_num_threads())
@@ -146,16 +148,20 @@ class RayRuntime:
     def stop_requested(self, done: int) -> str | None:
         if self.signal is None:
             return None
-        # Every worker asks the one signal actor (its answer is fixed per step: elastic.py).
-        # Without an answer, stopping alone would strand the others: the run goes on, and a
-        # lost driver side surfaces as a loss anyway.
+        # Every worker asks the one signal actor, and reads its answer a step later (it has
+        # come by then: no wait here); the stop step it fixes leaves room for that
+        # (elastic.py). Without an answer, stopping alone would strand the others: the run
+        # goes on, and a lost driver surfaces as a loss anyway.
         try:
-            return ray.get(self.signal.poll.remote(self.rank, done, self.node_id), timeout=60)
+            answer = ray.get(self._question, timeout=60) if self._question else None
+            self._question = self.signal.poll.remote(self.rank, done, self.node_id)
         except Exception as err:  # noqa: BLE001
             log.warning("worker %d: the driver's stop signal did not answer (%s); carrying on "
                         "without it", self.rank, err)
-            self.signal = None
+            self.signal = self._question = None
             return None
+        self._stop = answer or self._stop
+        return self._stop[1] if self._stop and done >= self._stop[0] else None
 
 
 def worker_threads(fixed: int | None, workers_on_node: int) -> int:

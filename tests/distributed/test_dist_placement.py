@@ -103,21 +103,70 @@ def test_actor_shapes_carry_the_routers_gpu_share_in_bundle_r_mod_a():
 
 
 def test_every_worker_stops_at_the_same_step_whoever_asks_first():
-    # Worker 1 has asked about step 7 and goes on to step 8 (it cannot finish 8 alone); the
-    # notice comes while worker 0 is still finishing 7: both must stop after 8, not 7.
+    # Workers read each answer a step after asking. Worker 1 has asked about step 7 (it reads
+    # the answer after step 8); the notice comes while worker 0 is still finishing 7: both
+    # must hear of the stop in time, so it is fixed at 9.
     s = StopSignal(start=4, checkpoint_every=5)
     assert s.poll(1, 7, "n1") is None
-    assert s.request("preemption notice", at_checkpoint=False) == 8
-    assert s.poll(0, 7, "n0") is None
-    assert s.poll(0, 8, "n0") == s.poll(1, 8, "n1") == "preemption notice"
+    assert s.request("preemption notice", at_checkpoint=False) == 9
+    assert s.poll(0, 7, "n0") == (9, "preemption notice")  # read by worker 0 after step 8
+    assert s.poll(1, 8, "n1") == (9, "preemption notice")  # read by worker 1 after step 9
     assert s.worker_nodes() == ["n0", "n1"]
     # A joining node waits for the next checkpoint step; a notice after it moves the stop
     # earlier, never later.
     s = StopSignal(start=0, checkpoint_every=5)
     s.poll(0, 6, "n0")
     assert s.request("node joined", at_checkpoint=True) == 10
-    assert s.request("preemption notice", at_checkpoint=False) == 7
-    assert s.request("node joined", at_checkpoint=True) == 7
-    assert [s.poll(0, d, "n0") for d in (7, 8)] == ["preemption notice"] * 2
-    # Before any worker asked: the first step of the run.
-    assert StopSignal(start=12, checkpoint_every=0).request("x", at_checkpoint=True) == 13
+    assert s.request("preemption notice", at_checkpoint=False) == 8
+    assert s.request("node joined", at_checkpoint=True) == 8
+    assert s.poll(0, 7, "n0") == (8, "preemption notice")
+    # Before any worker asked: the first step whose answer the workers read.
+    assert StopSignal(start=12, checkpoint_every=0).request("x", at_checkpoint=True) == 14
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_workers_in_any_interleaving_stop_together_and_none_is_stranded(seed):
+    """The protocol as the workers run it (runtime.py's stop_requested), against StopSignal,
+    in a random interleaving: 3 workers in lockstep (a step finishes only once every worker
+    has finished the one before and not stopped there), each question processed by the actor
+    some time before its answer is read, the request arriving at a random moment."""
+    import random
+    rng = random.Random(seed)
+    signal, W = StopSignal(start=0, checkpoint_every=4 if seed % 2 else 0), 3
+    done = [0] * W
+    sent: list[list] = [[] for _ in range(W)]  # questions not yet processed, per worker
+    answers: list[list] = [[] for _ in range(W)]  # processed, waiting to be read
+    stop: list = [None] * W
+    stopped_at: list = [None] * W
+    requested = False
+    for _ in range(10_000):
+        if all(s is not None for s in stopped_at):
+            break
+        moves = []
+        if not requested:
+            moves.append(("request", None))
+        for w in range(W):
+            if sent[w]:
+                moves.append(("process", w))
+            nxt = done[w] + 1
+            if stopped_at[w] is None and all(d >= nxt - 1 for d in done):
+                # Reading the answer to the question before: it must have been processed.
+                if not sent[w] or len(sent[w]) == 0:
+                    moves.append(("finish", w))
+        kind, w = rng.choice(moves)
+        if kind == "request":
+            requested = True
+            signal.request("why", at_checkpoint=bool(seed % 2))
+        elif kind == "process":
+            answers[w].append(signal.poll(w, sent[w].pop(0), f"n{w}"))
+        else:
+            # Every other worker must still be there to run this step with w.
+            assert all(s is None or s >= done[w] + 1 for s in stopped_at), "stranded"
+            done[w] += 1
+            answer = answers[w].pop(0) if answers[w] else None
+            sent[w].append(done[w])
+            stop[w] = answer or stop[w]
+            if stop[w] and done[w] >= stop[w][0]:
+                stopped_at[w] = done[w]
+    assert requested and len(set(stopped_at)) == 1 and stopped_at[0] is not None, stopped_at
+    assert stopped_at[0] % 4 == 0 if seed % 2 else True
