@@ -22,7 +22,7 @@ from pathlib import Path
 import ray
 
 from ..config import Config
-from ..distributed.actors import MoEActors, start_moe_actors
+from ..distributed.actors import MoEActors, launch_moe_actors
 from ..distributed.data import build_index_on_ray, train_data_config, train_datasets
 from ..distributed.elastic import Watcher, actor_count, start_stop_signal
 from ..distributed.recovery import Recoveries, describe_loss, root_error
@@ -134,7 +134,7 @@ def private_ray_dir() -> None:
     """Ray 2.60 writes the token it makes for a local cluster to ~/.ray/auth_token with the
     umask's mode (0644, in a 0755 ~/.ray): keep both to this user."""
     ray_dir = Path.home() / ".ray"
-    ray_dir.mkdir(mode=0o700, exist_ok=True)
+    ray_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ray_dir.chmod(0o700)
     token = ray_dir / "auth_token"
     if token.exists():
@@ -175,17 +175,21 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
         if starting is None:
             starting = pool.submit(_timed, place_moe_actors, cfg, ckpt)
         (moe, seconds), starting = starting.result(), None
-        times[f"{len(moe.actors)} expert actors and the router"
-              + (" (overlapped)" if not cfg.experts.elastic else "")] = seconds
+        times[f"{len(moe.actors)} expert actors placed"] = seconds
         run_dir = cfg.run_dir.resolve()
-        _write_topology(run_dir, moe, cfg)
         times["total"] = time.perf_counter() - t_setup
         log.info("set-up %s", ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
         recoveries = Recoveries(run_dir, cfg.train.max_recoveries)
         while True:
+            # The actors finish starting (processes, imports, checkpoint shards) while Ray
+            # Train starts its workers; a worker's first call waits for them.
+            finishing = pool.submit(_finish_start, cfg, moe, run_dir)
             try:
                 result = _fit(cfg, spec, moe)
             except Exception as err:
+                if finishing.exception() is not None:  # they never came up: not a loss
+                    raise RuntimeError(f"the MoE actors did not start: "
+                                       f"{finishing.exception()}") from finishing.exception()
                 loss = describe_loss(err, moe.lost_actors())
                 last = latest_checkpoint(run_dir / "checkpoints")
                 if loss is None:  # not a loss: a bug or bad data would fail the same way again
@@ -195,6 +199,7 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
                     ) from err
                 moved = None
             else:
+                finishing.result()
                 moved = (result.metrics or {}).get("stopped")
                 if not moved:
                     break
@@ -215,8 +220,7 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
                     f"restarted ({restart}). The last good checkpoint is {last or 'none'}; run "
                     f"the same command again to resume from it once the cluster has room."
                 ) from restart
-            _write_topology(run_dir, moe, cfg)
-            log.info("%d expert actors and the router restarted in %.1fs", len(moe.actors),
+            log.info("%d expert actors placed again in %.1fs", len(moe.actors),
                      time.perf_counter() - t)
         recoveries.finish()
         final = result.metrics or {}
@@ -236,9 +240,18 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
 
 
 def place_moe_actors(cfg: Config, checkpoint: Path | None) -> MoEActors:
-    """The expert actors (as many as the cluster holds now, for a range) and the routers."""
-    return start_moe_actors(cfg, str(checkpoint) if checkpoint else None,
-                            num_actors=actor_count(cfg))
+    """The expert actors (as many as the cluster holds now, for a range) and the routers,
+    placed and starting (``_finish_start`` waits for them)."""
+    return launch_moe_actors(cfg, str(checkpoint) if checkpoint else None,
+                             num_actors=actor_count(cfg))
+
+
+def _finish_start(cfg: Config, moe: MoEActors, run_dir: Path) -> None:
+    t = time.perf_counter()
+    moe.finish_start(cfg.experts.threads_per_actor, timeout_s=cfg.experts.call_timeout_s)
+    _write_topology(run_dir, moe, cfg)
+    log.info("%d expert actors and the router up in %.1fs, beside Ray Train's start",
+             len(moe.actors), time.perf_counter() - t)
 
 
 def _fit(cfg: Config, spec: RunSpec, moe: MoEActors):
@@ -249,9 +262,8 @@ def _fit(cfg: Config, spec: RunSpec, moe: MoEActors):
 
     run_dir = Path(spec.run_dir)
     signal = start_stop_signal(spec.start, cfg.train.checkpoint_every)
-    moe_nodes = {i["node_id"] for i in [*moe.infos, *moe.router_infos]}
     # Leaving the block prints every worker line still queued, before the lines below.
-    with relay_console() as console, Watcher(cfg, signal, moe_nodes, len(moe.actors)):
+    with relay_console() as console, Watcher(cfg, signal, moe):
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"payload": WorkerPayload(spec, moe.routers, console,

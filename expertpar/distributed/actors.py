@@ -37,6 +37,34 @@ class MoEActors:
     router_node: str = ""  # the node router 0 runs on
     router_device: str = "cpu"  # where router 0 gates (cuda with experts.router_gpus)
     router_infos: list[dict] = field(default_factory=list)  # per router: RouterActor.info
+    _starting: list = field(default_factory=list)  # launch's calls still to wait for
+    _closed: bool = False
+
+    def finish_start(self, threads_per_actor: int | None, timeout_s: float = 600.0) -> None:
+        """Wait until every actor is up (``timeout_s`` at most: an actor that never starts
+        must not hold the job), give the expert actors their torch threads, check that every
+        router reaches every actor, and record where each runs. On failure every actor goes,
+        and the error is raised."""
+        try:
+            ray.get(self._starting, timeout=timeout_s)
+            infos = ray.get([a.info.remote() for a in self.actors], timeout=timeout_s)
+            threads = actor_threads(infos, threads_per_actor)
+            for info, n in zip(infos, threads):
+                info["threads"] = n
+            ray.get([h.set_threads.remote(n) for h, n in zip(self.actors, threads)])
+            self.infos = infos
+            # Every router is up and reaches every actor.
+            ray.get([r.grad_norms.remote(-1) for r in self.routers])
+            self.router_infos = ray.get([r.info.remote() for r in self.routers])
+            info = ray.get(self.router.address.remote())
+            self.router_device, self.router_node = info["device"], info["address"][1]
+        except Exception:
+            self.shutdown()
+            raise
+
+    def nodes(self) -> set[str]:
+        """The nodes the expert actors and routers run on (once ``finish_start`` knows)."""
+        return {i["node_id"] for i in [*self.infos, *self.router_infos]}
 
     @property
     def router(self):
@@ -60,6 +88,9 @@ class MoEActors:
         return lost
 
     def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         handles = [*self.routers, *self.actors]
         # Each releases its shared buffers first (a killed process cannot); a dead or stuck
         # one is not waited for, and its buffers are swept below once its process is gone.
@@ -90,7 +121,17 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
                      num_actors: int | None = None, timeout_s: float = 120.0) -> MoEActors:
     """Place and start ``num_actors`` expert actors (default: experts.num_actors, its max for
     a range) and the routers; each restores its own part of ``checkpoint`` (a verified
-    checkpoint directory) when given."""
+    checkpoint directory) when given. Returns once every one is up."""
+    moe = launch_moe_actors(cfg, checkpoint, num_actors=num_actors, timeout_s=timeout_s)
+    moe.finish_start(cfg.experts.threads_per_actor)
+    return moe
+
+
+def launch_moe_actors(cfg: Config, checkpoint: str | None = None, *,
+                      num_actors: int | None = None, timeout_s: float = 120.0) -> MoEActors:
+    """``start_moe_actors`` up to the handles: the actors are placed and starting (processes,
+    imports, checkpoint shards), and calls to them wait until they are up; ``finish_start``
+    waits for that. The Ray job starts Ray Train meanwhile."""
     L, E = cfg.num_moe_layers, cfg.model.moe.num_experts
     A = num_actors or cfg.experts.max_actors
     hosts = place_experts(L, E, A)
@@ -145,25 +186,9 @@ def start_moe_actors(cfg: Config, checkpoint: str | None = None, *,
                  index=r, num_routers=R, lead=routers[0] if r else None,
                  routers_here=routers_on[bundle_nodes[r % A]], transport=ex.transport,
                  timeout_s=ex.call_timeout_s))
-    router = routers[0]
     moe = MoEActors(routers, actors, hosts, pg, [])
-    try:
-        if R > 1:
-            ray.get(router.set_routers.remote(routers[1:]))
-        infos = ray.get([a.info.remote() for a in actors])
-        threads = actor_threads(infos, ex.threads_per_actor)
-        for info, n in zip(infos, threads):
-            info["threads"] = n
-        ray.get([h.set_threads.remote(n) for h, n in zip(actors, threads)])
-        moe.infos = infos
-        # Every router is up and reaches every actor.
-        ray.get([r.grad_norms.remote(-1) for r in routers])
-        moe.router_infos = ray.get([r.info.remote() for r in routers])
-        info = ray.get(router.address.remote())
-        moe.router_device, moe.router_node = info["device"], info["address"][1]
-    except Exception:
-        moe.shutdown()
-        raise
+    if R > 1:  # queued first: router 0 steps the others
+        moe._starting = [routers[0].set_routers.remote(routers[1:])]
     return moe
 
 

@@ -145,10 +145,9 @@ class Watcher:
     """A driver thread, while a fit runs: asks the workers to stop when a node the job uses
     starts draining, or (num_actors a range) when joining nodes have room for more actors."""
 
-    def __init__(self, cfg: Config, signal, moe_nodes: set[str], num_actors: int,
-                 poll_s: float = 1.0):
-        self.cfg, self.signal, self.moe_nodes = cfg, signal, set(moe_nodes)
-        self.num_actors, self.poll_s = num_actors, poll_s
+    def __init__(self, cfg: Config, signal, moe, poll_s: float = 1.0):
+        self.cfg, self.signal, self.moe = cfg, signal, moe  # moe: distributed/actors.MoEActors
+        self.num_actors, self.poll_s = len(moe.actors), poll_s
         self.known = set(ray._private.state.available_resources_per_node())
         self.requested: set[str] = set()  # the kinds asked for: "preemption", "grow"
         self._stop = threading.Event()
@@ -172,7 +171,7 @@ class Watcher:
     def poll(self) -> None:
         draining = draining_nodes()
         if "preemption" not in self.requested and draining:
-            ours = self.moe_nodes | set(ray.get(self.signal.worker_nodes.remote(), timeout=10))
+            ours = self.moe.nodes() | set(ray.get(self.signal.worker_nodes.remote(), timeout=10))
             hit = sorted(set(draining) & ours)
             if hit:
                 deadlines = [draining[n] / 1000 - time.time() for n in hit if draining[n]]

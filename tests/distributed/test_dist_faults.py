@@ -4,10 +4,9 @@ One run with 2 train workers meets these losses in turn, each injected once the 
 a step: two expert actors at once, one killed by Ray and one whose process exits on its own;
 the router, killed; a train worker's process, killed; an expert actor that hangs (past
 ``experts.call_timeout_s``). One loss more than ``train.max_recoveries`` allows stops the run
-with an error naming every loss and the last good checkpoint; running the job again (with 4
-expert actors and 1 train worker instead of 2 and 2) resumes from it on the same curve. Each
-test checks one of these in the shared run's record: every recovery restarts actors and Ray
-Train, about 30 s each here, so the run is shared.
+with an error naming every loss and the last good checkpoint. Each test checks one of these in
+the shared run's record: every recovery restarts actors and Ray Train, about 30 s each here,
+so the run is shared. (Resuming with other actor counts is test_dist_cluster.py's run.)
 """
 from __future__ import annotations
 
@@ -118,6 +117,7 @@ FAULTS = [  # (wait for, what, how); wait for: ("step", n) logged, or ("recoveri
     (("step", HANG_AT + 2), "expert killed again", lambda run_dir: ray.kill(_named("-expert0"))),
 ]
 LIMIT = 4
+DEADLINE = 10  # experts.call_timeout_s: a call this late is a hung peer
 
 
 def _inject(run_dir: Path, done: list, stop: threading.Event) -> None:
@@ -147,7 +147,7 @@ def recovered(ray_local, synth_dir, tmp_path_factory):
     cfg = tiny_config(synth_dir, tmp / "ray", **COMMON, **{
         "distributed.backend": "ray", "distributed.num_workers": 2,
         "experts.num_actors": 2, "experts.cpus_per_actor": 0.5,
-        "experts.call_timeout_s": 20, "train.max_recoveries": LIMIT})
+        "experts.call_timeout_s": DEADLINE, "train.max_recoveries": LIMIT})
     done: list = []
     stop = threading.Event()
     injector = threading.Thread(target=_inject, args=(cfg.run_dir, done, stop))
@@ -161,14 +161,9 @@ def recovered(ray_local, synth_dir, tmp_path_factory):
     stopped_at = {"metrics": read_metrics(cfg.run_dir / "metrics.jsonl"),
                   "last_good": latest_checkpoint(cfg.run_dir / "checkpoints"),
                   "record": json.loads((cfg.run_dir / "recoveries.json").read_text())}
-    # Running the same job again resumes it, here with 4 expert actors and 1 train worker
-    # instead of 2 and 2: checkpoints do not depend on the topology.
-    resumed = train(tiny_config(synth_dir, tmp / "ray", **COMMON, **{
-        "distributed.backend": "ray", "distributed.num_workers": 1,
-        "experts.num_actors": 4, "experts.cpus_per_actor": 0.5}), stop_after=2)
     reference = train(tiny_config(synth_dir, tmp / "local", **COMMON))
     return {"cfg": cfg, "stopped": stopped.value, "injected": done, "reference": reference,
-            "resumed": resumed, **stopped_at}
+            **stopped_at}
 
 
 def _recovery(recovered, index: int) -> dict:
@@ -230,12 +225,12 @@ def test_a_killed_train_worker_of_two_is_recovered(recovered):
 
 def test_a_hung_expert_actor_becomes_a_loss_at_the_deadline_and_is_recovered(recovered):
     r = _recovery(recovered, 3)
-    assert "expert actor 1 did not answer forward within 20s" in r["loss"], r["loss"]
+    assert f"expert actor 1 did not answer forward within {DEADLINE}s" in r["loss"], r["loss"]
     assert r["failed_at_step"] == HANG_AT  # step HANG_AT + 1's forward hung
-    # Named at the deadline (20 s after the hung call), not later, and not forever.
+    # Named at the deadline (DEADLINE s after the hung call), not later, and not forever.
     first_step_at = max(m["time/unix"] for m in recovered["metrics"]
                         if m.get("event") == "first_step" and m["time/unix"] < r["lost_at_unix"])
-    assert 20 <= r["lost_at_unix"] - first_step_at < 120
+    assert DEADLINE <= r["lost_at_unix"] - first_step_at < 120
 
 
 def test_past_max_recoveries_the_run_stops_naming_every_loss_and_the_last_checkpoint(
@@ -248,14 +243,3 @@ def test_past_max_recoveries_the_run_stops_naming_every_loss_and_the_last_checkp
     assert f"The last good checkpoint is {recovered['last_good']}" in message
     assert "run the same command again to resume from it" in message
     assert read_train_state(recovered["last_good"])["step"] >= HANG_AT - EVERY
-
-
-def test_a_rerun_resumes_the_stopped_run_with_other_actor_and_worker_counts(recovered):
-    step = read_train_state(recovered["last_good"])["step"]
-    resumed = recovered["resumed"]
-    assert resumed.steps_done == step + 2 and resumed.recoveries == []
-    # The next steps have the losses the original topology (and one process) would have had.
-    assert resumed.losses == pytest.approx(recovered["reference"].losses[step:step + 2],
-                                           rel=1e-5)
-    topology = json.loads((recovered["cfg"].run_dir / "ray_topology.json").read_text())
-    assert len(topology["expert_actors"]) == 4 and topology["num_workers"] == 1

@@ -54,8 +54,8 @@ def routed(routing: str) -> dict:
 
 @pytest.mark.parametrize("routing,num_actors,calls,transport", [
     ("token_choice", 1, "socket", "router"), ("expert_choice", 2, "socket", "router"),
-    ("token_choice", 4, "socket", "router"), ("token_choice", 2, "ray", "router"),
-    ("token_choice", 2, "socket", "direct"), ("expert_choice", 4, "ray", "direct")])
+    ("token_choice", 2, "ray", "router"), ("token_choice", 2, "socket", "direct"),
+    ("expert_choice", 4, "ray", "direct")])
 def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_path, batch,
                                                      num_actors, calls, transport, routing):
     tok, images, ids, mask = batch
