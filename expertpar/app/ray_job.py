@@ -246,9 +246,15 @@ def place_moe_actors(cfg: Config, checkpoint: Path | None) -> MoEActors:
                              num_actors=actor_count(cfg))
 
 
+START_TIMEOUT_S = 600.0
+
+
 def _finish_start(cfg: Config, moe: MoEActors, run_dir: Path) -> None:
     t = time.perf_counter()
-    moe.finish_start(cfg.experts.threads_per_actor, timeout_s=cfg.experts.call_timeout_s)
+    # Starting includes reading the checkpoint's shards (minutes, for a big model): its own
+    # bound, not the hot path's experts.call_timeout_s, which may be seconds.
+    moe.finish_start(cfg.experts.threads_per_actor,
+                     timeout_s=max(START_TIMEOUT_S, cfg.experts.call_timeout_s))
     _write_topology(run_dir, moe, cfg)
     log.info("%d expert actors and the router up in %.1fs, beside Ray Train's start",
              len(moe.actors), time.perf_counter() - t)
