@@ -1,4 +1,4 @@
-"""Command line: ``expertpar train|eval|bench|data``. ``main(argv)`` is callable from tests.
+"""Command line: ``expertpar train|eval|upcycle|bench|data``. ``main(argv)`` is callable from tests.
 
 Everything the package says goes through the ``expertpar`` logger to stderr (progress lines
 included): ``--quiet`` keeps warnings and errors only, ``--verbose`` adds debug detail, and a
@@ -70,6 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--data", help="held-out split to use instead of the run's data.eval")
 
+    u = sub.add_parser("upcycle", help="a MoE run whose experts start as copies of a dense "
+                       "run's FFNs (sparse upcycling)")
+    u.add_argument("dense_run", help="run directory of a dense run (model.variant: dense)")
+    u.add_argument("--experts", type=int, required=True, metavar="E",
+                   help="experts per MoE layer, each a copy of the dense FFN at that layer")
+    u.add_argument("--out", required=True, metavar="DIR",
+                   help="the new run directory (must not exist, or be empty)")
+    u.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="experts per token (default 2, or 1 with one expert: with "
+                        "renormalised top-2 the upcycled model starts as the dense one)")
+    u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the upcycled run's config, e.g. "
+                        "--set model.moe.dropless=true --set train.steps=200")
+
     b = sub.add_parser("bench", help="step time of the Ray path vs in process, side by side")
     b.add_argument("config", help="job YAML whose model is measured")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -123,6 +137,22 @@ def _eval(args) -> int:
     return 0
 
 
+def _upcycle(args) -> int:
+    from ..train.upcycle import upcycle
+
+    up = upcycle(Path(args.dense_run), Path(args.out), experts=args.experts, top_k=args.top_k,
+                 overrides=args.overrides)
+    m = up.config.model
+    n = len(up.moe_layers)
+    log.info("upcycled %s (step %d) into %s: %d MoE layer%s (%s) of %d experts, top-%d, each "
+             "expert a copy of the dense FFN there (%d units); gates initialised with run.seed "
+             "%d; fresh AdamW state, from step 0", up.source, up.source_step, up.run_dir, n,
+             "" if n == 1 else "s", ", ".join(up.moe_layers), m.moe.num_experts, m.moe.top_k,
+             m.moe.expert_hidden, up.config.run.seed)
+    log.info("train it: expertpar train %s", Path(args.out) / "config.yaml")
+    return 0
+
+
 def _bench(args) -> int:
     from ..config import load_config
     from .bench import BenchPlan, run_bench
@@ -163,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_console(logging.WARNING if args.quiet else logging.DEBUG if args.verbose
                   else logging.INFO)
-    handler = {"train": _train, "eval": _eval, "data": _data, "bench": _bench,
-               "gpu-check": _gpu_check}[args.command]
+    handler = {"train": _train, "eval": _eval, "upcycle": _upcycle, "data": _data,
+               "bench": _bench, "gpu-check": _gpu_check}[args.command]
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:

@@ -28,7 +28,7 @@ def set_aside_previous_run(run_dir: Path) -> Path | None:
     """``--no-resume`` into a used run directory: move what the earlier run wrote into
     ``replaced-<time>/`` (nothing is deleted), so the new run starts clean."""
     names = ("checkpoints", "metrics.jsonl", "tokenizer.json", "eval.json", "ray_topology.json",
-             "recoveries.json")
+             "recoveries.json", "upcycled_from.json")
     found = [run_dir / n for n in names if (run_dir / n).exists()]
     if not found:
         return None
