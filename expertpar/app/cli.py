@@ -193,11 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_console(logging.WARNING if args.quiet else logging.DEBUG if args.verbose
                   else logging.INFO)
+    from ..train.owners import CheckpointError  # a checkpoint that does not verify, by name
+
     handler = {"train": _train, "eval": _eval, "upcycle": _upcycle, "data": _data,
                "bench": _bench, "gpu-check": _gpu_check}[args.command]
     try:
         return handler(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:
         log.error("expertpar %s: error: %s", args.command, err)
         return 2
 

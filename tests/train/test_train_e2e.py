@@ -108,6 +108,11 @@ def test_cli_train_eval_and_errors(synth_dir, tmp_path, capsys):
     assert "model.moe.top_k" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+    # A run directory whose checkpoints are all unusable: named, no traceback.
+    (cfg.run_dir / "checkpoints" / "step_000006" / "dense.safetensors").write_bytes(b"torn")
+    assert main(["eval", str(cfg.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "dense.safetensors" in err and "Traceback" not in err
 
 
 def test_python_dash_m_entry_point(tmp_path):
