@@ -24,7 +24,7 @@ from .decode import decode_image
 from .manifest import iter_manifest_rows
 from .sample import IMAGE_EXTS, checked_caption, label_of
 from .webdataset import (TEXT_EXTS, RepeatedMembers, caption_and_meta, check_not_truncated,
-                         compression_of, first_image_ext, member_key)
+                         compression_of, first_image_ext, new_member)
 
 logger = logging.getLogger("expertpar")
 
@@ -118,14 +118,11 @@ def _scan_members(uri: str, size: int) -> tuple[dict[str, dict], RepeatedMembers
             tar = tarfile.open(fileobj=stream, mode="r|")
             for member in tar:
                 members += 1
-                named = member_key(member)
+                named = new_member(member, groups, repeats)
                 if named is None:
                     continue
                 key, ext = named
-                exts = groups.setdefault(key, {})
-                if ext in exts:
-                    repeats.add(key, ext)
-                    continue
+                exts = groups[key]
                 if ext in IMAGE_EXTS and first_image_ext(exts) is None:
                     data = tar.extractfile(member).read()
                     exts[ext] = _Image(member.offset_data, member.size, _decode_error(data, key))

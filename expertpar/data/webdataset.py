@@ -80,16 +80,26 @@ def _group_members(tar: tarfile.TarFile) -> tuple[dict[str, dict[str, tarfile.Ta
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     repeats = RepeatedMembers()
     for member in tar.getmembers():
-        named = member_key(member)
-        if named is None:
-            continue
-        key, ext = named
-        exts = groups.setdefault(key, {})
-        if ext in exts:
-            repeats.add(key, ext)
-        else:
-            exts[ext] = member
+        named = new_member(member, groups, repeats)
+        if named is not None:
+            groups[named[0]][named[1]] = member
     return groups, repeats
+
+
+def new_member(member: tarfile.TarInfo, groups: dict[str, dict],
+               repeats: RepeatedMembers) -> tuple[str, str] | None:
+    """The (key, ext) of a sample's member met for the first time (its key's group made in
+    ``groups``, in first-appearance order), else None: not a sample's member, or a repeat
+    (counted in ``repeats``). The one rule of both readers: the streaming one here and the
+    index scan (scan.py) group a shard identically."""
+    named = member_key(member)
+    if named is None:
+        return None
+    key, ext = named
+    if ext in groups.setdefault(key, {}):
+        repeats.add(key, ext)
+        return None
+    return key, ext
 
 
 def first_image_ext(exts: Iterable[str]) -> str | None:
