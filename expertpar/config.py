@@ -175,6 +175,9 @@ class TrainConfig:
     beta2: float = 0.98  # AdamW beta2
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     log_every: int = 10  # steps between metrics lines and progress prints
+    # also write every metrics line's numbers as TensorBoard scalars (event files in the run
+    # directory, lead process only): `tensorboard --logdir runs` then shows every run
+    tensorboard: bool = True
     eval_every: int = 100  # 0: only at the end
     checkpoint_every: int = 100  # 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk

@@ -88,12 +88,24 @@ class Runtime(Protocol):
 
 
 def run(spec: RunSpec, rt: Runtime) -> TrainResult:
-    cfg, tc, seed = spec.cfg, spec.cfg.train, spec.cfg.run.seed
     run_dir, lead = Path(spec.run_dir), rt.comm.rank == 0
     tokenizer = Tokenizer.from_str(spec.tokenizer_json)
     if spec.resume_from:
         restore_rng(Path(spec.resume_from))
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=spec.start) if lead else None
+    metrics_log = (MetricsLog(run_dir / "metrics.jsonl", resume_step=spec.start,
+                              tensorboard=spec.cfg.train.tensorboard) if lead else None)
+    try:
+        return _steps(spec, rt, tokenizer, metrics_log)
+    finally:
+        if metrics_log is not None:  # the event file; whatever this attempt ends with
+            metrics_log.close()
+
+
+def _steps(spec: RunSpec, rt: Runtime, tokenizer: Tokenizer,
+           metrics_log: MetricsLog | None) -> TrainResult:
+    """The steps of ``run``, logging to ``metrics_log`` on the lead worker (None elsewhere)."""
+    cfg, tc, seed = spec.cfg, spec.cfg.train, spec.cfg.run.seed
+    run_dir, lead = Path(spec.run_dir), rt.comm.rank == 0
     if lead:
         metrics_log.write({"step": spec.start, "event": "start", **spec.skipped,
                            "data/train_samples": spec.train_samples, "train/workers": rt.comm.world})

@@ -6,12 +6,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .tensorboard_log import ScalarEvents
+
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``; on resume, what an interrupted run logged after the
-    checkpoint it resumes from goes (those steps are run again)."""
+    checkpoint it resumes from goes (those steps are run again). With ``tensorboard``, the
+    same records also go to TensorBoard event files in the same directory."""
 
-    def __init__(self, path: Path, *, resume_step: int = 0):
+    def __init__(self, path: Path, *, resume_step: int = 0, tensorboard: bool = False):
         self.path = path
         if path.exists():
             kept = [line for line in path.read_text().splitlines()
@@ -19,10 +22,18 @@ class MetricsLog:
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
+        self._events = ScalarEvents(path.parent, resume_step=resume_step) if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._events is not None:
+            self._events.write(record)
+
+    def close(self) -> None:
+        """Closes the event file (metrics.jsonl is opened per record and needs nothing)."""
+        if self._events is not None:
+            self._events.close()
 
 
 def _before(record: dict, resume_step: int) -> bool:

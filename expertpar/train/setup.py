@@ -28,8 +28,10 @@ def set_aside_previous_run(run_dir: Path) -> Path | None:
     """``--no-resume`` into a used run directory: move what the earlier run wrote into
     ``replaced-<time>/`` (nothing is deleted), so the new run starts clean."""
     names = ("checkpoints", "metrics.jsonl", "tokenizer.json", "eval.json", "ray_topology.json",
-             "recoveries.json", "upcycled_from.json")
+             "recoveries.json", "upcycled_from.json", "report")
     found = [run_dir / n for n in names if (run_dir / n).exists()]
+    # TensorBoard's event files too: left in place, its readers would show both runs as one.
+    found += sorted(run_dir.glob("events.out.tfevents.*"))
     if not found:
         return None
     aside = run_dir / time.strftime("replaced-%Y%m%d-%H%M%S")
