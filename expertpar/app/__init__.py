@@ -1,6 +1,6 @@
 """The application layer: the command line, the Ray job's driver, evaluation of a run
-directory, and the benchmark. Library code (config, data, model, moe, eval, train,
-distributed) never imports from here."""
+directory, the run report, and the benchmark. Library code (config, data, model, moe, eval,
+train, distributed) never imports from here."""
 from __future__ import annotations
 
 from ..config import Config

@@ -1,9 +1,10 @@
-"""Command line: ``expertpar train|eval|upcycle|bench|data``. ``main(argv)`` is callable from tests.
+"""Command line: ``expertpar train|eval|report|upcycle|bench|data``; ``main(argv)`` for tests.
 
 Everything the package says goes through the ``expertpar`` logger to stderr (progress lines
 included): ``--quiet`` keeps warnings and errors only, ``--verbose`` adds debug detail, and a
 program that imports expertpar can silence or redirect it like any other logger. Standard output
-carries results only (``expertpar eval`` prints its metrics as JSON there)."""
+carries results only (``expertpar eval`` prints its metrics as JSON there, ``expertpar report``
+the path of its page)."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
     e.add_argument("run_dir")
     e.add_argument("--data", help="held-out split to use instead of the run's data.eval")
+
+    r = sub.add_parser("report", help="figures (PNG) and an HTML page of a run, in "
+                       "RUN_DIR/report/")
+    r.add_argument("run_dir")
+    r.add_argument("--data", help="held-out split to use instead of the run's data.eval")
+    r.add_argument("--examples", type=int, default=6, metavar="N",
+                   help="held-out images whose retrieved captions are shown (default 6)")
 
     u = sub.add_parser("upcycle", help="a MoE run whose experts start as copies of a dense "
                        "run's FFNs (sparse upcycling)")
@@ -137,6 +145,16 @@ def _eval(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from .report import write_report
+
+    report = write_report(Path(args.run_dir), data=args.data, examples=args.examples)
+    log.info("wrote %d figure%s%s", len(report.figures), "" if len(report.figures) == 1 else "s",
+             f", skipped {', '.join(report.skipped)}" if report.skipped else "")
+    print(report.page)  # the result itself, not a log line
+    return 0
+
+
 def _upcycle(args) -> int:
     from ..train.upcycle import upcycle
 
@@ -195,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                   else logging.INFO)
     from ..train.owners import CheckpointError  # a checkpoint that does not verify, by name
 
-    handler = {"train": _train, "eval": _eval, "upcycle": _upcycle, "data": _data,
-               "bench": _bench, "gpu-check": _gpu_check}[args.command]
+    handler = {"train": _train, "eval": _eval, "report": _report, "upcycle": _upcycle,
+               "data": _data, "bench": _bench, "gpu-check": _gpu_check}[args.command]
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:

@@ -26,3 +26,18 @@ def recall_at_k(image_NE: torch.Tensor, text_NE: torch.Tensor, captions: list[st
             out[f"retrieval/{name}/R@{k}"] = float(hit.float().mean())
     out["retrieval/unique_captions"] = int(cap_N.max()) + 1 if len(captions) else 0
     return out
+
+
+def top_captions(image_NE: torch.Tensor, text_NE: torch.Tensor, captions: list[str],
+                 queries: list[int], k: int) -> list[list[tuple[str, float]]]:
+    """For each image index in ``queries``, its ``k`` nearest captions with their similarity,
+    best first. Repeated caption texts are ranked once: they share one embedding, so listing
+    each copy would fill the top-k with one caption."""
+    first: dict[str, int] = {}
+    for i, c in enumerate(captions):
+        first.setdefault(c, i)
+    unique = list(first.values())  # the first sample of each caption text, in sample order
+    sim_QU = image_NE[queries] @ text_NE[unique].t()
+    scores, top = sim_QU.topk(min(k, len(unique)), dim=1)
+    return [[(captions[unique[j]], float(s)) for j, s in zip(row.tolist(), srow.tolist())]
+            for row, srow in zip(top, scores)]

@@ -27,3 +27,14 @@ def zero_shot_accuracy(image_NE: torch.Tensor, labels_N: torch.Tensor, class_CE:
     out["zero_shot/chance_top1"] = 1.0 / class_CE.shape[0]
     out["zero_shot/samples"] = int(known.sum())
     return out
+
+
+def confusion_matrix(image_NE: torch.Tensor, labels_N: torch.Tensor,
+                     class_CE: torch.Tensor) -> torch.Tensor:
+    """Counts_CC: row = true class, column = the class zero-shot top-1 picked; images without a
+    label (-1) are left out, so the trace over the sum is ``zero_shot/top1``."""
+    known = labels_N >= 0
+    C = class_CE.shape[0]
+    picked = (image_NE[known] @ class_CE.t()).argmax(dim=1)
+    flat = labels_N[known] * C + picked
+    return torch.bincount(flat, minlength=C * C).reshape(C, C)
