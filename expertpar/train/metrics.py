@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from .tensorboard_log import ScalarEvents
+
+log = logging.getLogger("expertpar")
 
 
 class MetricsLog:
@@ -17,8 +20,8 @@ class MetricsLog:
     def __init__(self, path: Path, *, resume_step: int = 0, tensorboard: bool = False):
         self.path = path
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and _before(json.loads(line), resume_step)]
+            kept = [json.dumps(r, sort_keys=True) for r in read_metrics(path)
+                    if _before(r, resume_step)]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
@@ -44,7 +47,21 @@ def _before(record: dict, resume_step: int) -> bool:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A last line cut short (a process killed while writing
+    it) is left out with a warning; any other line that is not JSON is an error naming it."""
+    lines = path.read_text().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if n == len(lines):
+                log.warning("%s:%d: the last line was cut short (%s); left out", path, n, err)
+                continue
+            raise ValueError(f"{path}:{n} is not a JSON metrics record ({err})") from None
+    return records
 
 
 def format_duration(seconds: float) -> str:

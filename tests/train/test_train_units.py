@@ -226,3 +226,21 @@ def test_build_optimizer_skips_frozen_parameters():
     ids = {id(p) for g in opt.param_groups for p in g["params"]}
     assert id(model.logit_scale) not in ids
     assert len(ids) == len(list(model.parameters())) - 1
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_left_out_and_a_bad_one_named(tmp_path, caplog):
+    import json
+    import logging
+
+    from expertpar.train.metrics import MetricsLog, read_metrics
+    path = tmp_path / "metrics.jsonl"
+    good = [{"step": 1, "loss/total": 2.0}, {"step": 2, "loss/total": 1.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"step": 3, "loss/to')
+    with caplog.at_level(logging.WARNING, logger="expertpar"):
+        assert read_metrics(path) == good
+        MetricsLog(path, resume_step=2)  # a resume keeps what its checkpoint holds
+    assert f"{path}:3: the last line was cut short" in caplog.text
+    assert read_metrics(path) == good
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=f"{path}:2 is not a JSON metrics record"):
+        read_metrics(path)
