@@ -80,11 +80,11 @@ def draining_nodes() -> dict[str, int]:
     return ray._private.state.state.get_draining_nodes() or {}
 
 
-def free_resources(exclude: set[str] = frozenset()) -> dict[str, Resources]:
-    """Each live node's unreserved resources, but for the draining and ``exclude``d ones."""
-    gone = set(draining_nodes()) | set(exclude)
+def free_resources() -> dict[str, Resources]:
+    """Each live node's unreserved resources, but for the draining ones."""
+    draining = draining_nodes()
     return {n: r for n, r in ray._private.state.available_resources_per_node().items()
-            if n not in gone}
+            if n not in draining}
 
 
 def actor_count(cfg: Config, settle_s: float = 1.5) -> int:
