@@ -24,7 +24,7 @@ import ray
 from ..config import Config
 from ..distributed.actors import MoEActors, launch_moe_actors
 from ..distributed.data import build_index_on_ray, train_data_config, train_datasets
-from ..distributed.elastic import Watcher, actor_count, start_stop_signal
+from ..distributed.elastic import Watcher, actor_count, start_stop_signal, worker_shape
 from ..distributed.recovery import Recoveries, describe_loss, root_error
 from ..distributed.runtime import WorkerPayload, train_worker
 from ..train.checkpoint import latest_checkpoint, read_train_state
@@ -144,11 +144,8 @@ def private_ray_dir() -> None:
 def scaling(cfg: Config) -> dict:
     """Ray Train's ScalingConfig arguments: the workers' count, CPUs and GPU shares."""
     d = cfg.distributed
-    resources = {"CPU": d.cpus_per_worker}
-    if d.use_gpu:
-        resources["GPU"] = d.gpus_per_worker
     return {"num_workers": d.num_workers, "use_gpu": d.use_gpu,
-            "resources_per_worker": resources}
+            "resources_per_worker": worker_shape(cfg)}
 
 
 def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None) -> TrainResult:

@@ -69,10 +69,14 @@ def actor_shapes(cfg: Config, count: int, *, routers: bool = True) -> list[Resou
     return shapes
 
 
-def worker_shapes(cfg: Config) -> list[Resources]:
+def worker_shape(cfg: Config) -> Resources:
+    """One Ray Train worker's resources (ScalingConfig's resources_per_worker)."""
     d = cfg.distributed
-    shape = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
-    return [dict(shape) for _ in range(d.num_workers)]
+    return {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
+
+
+def worker_shapes(cfg: Config) -> list[Resources]:
+    return [worker_shape(cfg) for _ in range(cfg.distributed.num_workers)]
 
 
 def draining_nodes() -> dict[str, int]:
@@ -185,13 +189,13 @@ class Watcher:
         ex = self.cfg.experts
         if "grow" in self.requested or not ex.elastic or self.num_actors >= ex.max_actors:
             return
-        free = ray._private.state.available_resources_per_node()
-        joined = sorted(set(free) - self.known - set(draining))
+        free = free_resources()
+        joined = sorted(set(free) - self.known)
         if not joined:
             return
         self.known |= set(joined)
-        room = fit_count({n: r for n, r in free.items() if n not in draining},
-                         actor_shapes(self.cfg, ex.max_actors - self.num_actors, routers=False))
+        room = fit_count(free, actor_shapes(self.cfg, ex.max_actors - self.num_actors,
+                                            routers=False))
         if room:
             reason = (f"node{'s' if len(joined) > 1 else ''} {', '.join(joined)} joined: room "
                       f"for {min(ex.max_actors, self.num_actors + room)} expert actors "

@@ -32,6 +32,15 @@ def is_moe_layer(cfg: ModelConfig, depth_index: int) -> bool:
     return cfg.variant == "moe" and (depth_index + 1) % cfg.moe.every == 0
 
 
+def dense_ffn_hidden(cfg: ModelConfig, depth_index: int) -> int:
+    """The hidden width of a dense FFN at block ``depth_index``: where the MoE variant puts a
+    MoE layer, the dense variant has ``top_k x expert_hidden`` units (equal active parameters
+    per token)."""
+    if cfg.variant == "dense" and (depth_index + 1) % cfg.moe.every == 0:
+        return cfg.moe.top_k * cfg.moe.expert_hidden
+    return cfg.ffn_hidden
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig, *, image_size: int, vocab_size: int,
                  context_length: int, backend: MoEBackend | None = None, seed: int = 0):
@@ -70,10 +79,8 @@ class VisionLanguageModel(nn.Module):
                 self.num_moe_layers += 1
                 blocks.append(Block(cfg.dim, cfg.heads, ffn, is_moe=True))
             else:
-                hidden = (cfg.moe.top_k * cfg.moe.expert_hidden
-                          if cfg.variant == "dense" and (i + 1) % cfg.moe.every == 0
-                          else cfg.ffn_hidden)
-                blocks.append(Block(cfg.dim, cfg.heads, FFN(cfg.dim, hidden), is_moe=False))
+                blocks.append(Block(cfg.dim, cfg.heads, FFN(cfg.dim, dense_ffn_hidden(cfg, i)),
+                                    is_moe=False))
         return nn.ModuleList(blocks)
 
     def moe_layers(self) -> list[tuple[str, nn.Module]]:

@@ -41,13 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from tokenizers import Tokenizer
 
-from ..config import (Config, ConfigError, ModelConfig, config_from_dict, config_to_dict,
-                      dump_config, parse_override)
+from ..config import (Config, ConfigError, config_from_dict, config_to_dict, dump_config,
+                      load_config, parse_override)
 from ..data import vocab_size
-from ..model.vlm import is_moe_layer
+from ..model.vlm import dense_ffn_hidden, is_moe_layer
 from .checkpoint import (CheckpointError, latest_checkpoint, read_shards, read_train_state,
                          write_checkpoint)
 from .loop import dense_owner
@@ -164,21 +163,14 @@ def _read_dense_run(run: Path) -> tuple[Path, Config, str]:
                            f"{'config.yaml' if cfg_path is None else 'tokenizer.json'} (nor "
                            f"has the run directory)")
     try:
-        cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()) or {})
+        cfg = load_config(cfg_path)  # its errors name the file
     except ConfigError as err:
-        raise UpcycleError(f"dense run '{run}': {cfg_path}: {err}") from None
+        raise UpcycleError(f"dense run '{run}': {err}") from None
     if cfg.model.variant != "dense":
         raise UpcycleError(f"dense run '{run}' is already a MoE run (model.variant "
                            f"'{cfg.model.variant}' in {cfg_path}); upcycling starts from a dense "
                            f"run (model.variant: dense)")
     return ckpt, cfg, tok_path.read_text()
-
-
-def dense_ffn_hidden(model: ModelConfig, depth_index: int) -> int:
-    """The hidden width of block ``depth_index``'s FFN in a dense model (vlm.py's rule)."""
-    if (depth_index + 1) % model.moe.every == 0:
-        return model.moe.top_k * model.moe.expert_hidden
-    return model.ffn_hidden
 
 
 def upcycled_config(dense: Config, out: Path, *, experts: int, top_k: int | None = None,
@@ -188,14 +180,16 @@ def upcycled_config(dense: Config, out: Path, *, experts: int, top_k: int | None
     dense FFNs they copy, the run directory ``out``, then ``overrides`` (``--set``)."""
     if experts < 1:
         raise UpcycleError(f"--experts must be >= 1, got {experts}")
-    keys = [parse_override(text)[0] for text in overrides]
+    parsed = [parse_override(text) for text in overrides]
+    keys = [key for key, _ in parsed]
     for key in keys:
         for reserved, why in SET_BY_COMMAND.items():
             if key == reserved or reserved.startswith(key + "."):
                 raise UpcycleError(f"--set {key}: {reserved} is set by `expertpar upcycle` "
                                    f"({why})")
     tree = config_to_dict(dense)
-    routing = _overridden(overrides, "model.moe.routing", dense.model.moe.routing)
+    routing = next((v for k, v in reversed(parsed) if k == "model.moe.routing"),
+                   dense.model.moe.routing)  # the last --set of it wins, as in config_from_dict
     if routing == "expert_choice":
         if top_k not in (None, 1):
             raise UpcycleError(f"--top-k {top_k}: model.moe.routing 'expert_choice' has no "
@@ -253,15 +247,6 @@ def _misfit(keys: list[str], what: str) -> str:
                                         "model.moe.expert_hidden")]
     by = f" (after --set {', '.join(shaping)})" if shaping else ""
     return f"the upcycled model does not fit the dense run's FFNs{by}: {what}"
-
-
-def _overridden(overrides, key: str, default):
-    value = default
-    for text in overrides:
-        k, v = parse_override(text)
-        if k == key:
-            value = v
-    return value
 
 
 def _get(tree: dict, dotted: str):
