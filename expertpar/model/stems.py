@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 
 class PatchStem(nn.Module):
@@ -47,6 +46,8 @@ class CNNStem(nn.Module):
 
     def __init__(self, image_size: int, dim: int):
         super().__init__()
+        import torchvision  # here, not at the top: importing it costs seconds in every Ray process
+
         resnet = torchvision.models.resnet18(weights=None)
         self.body = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
                                   resnet.layer1)

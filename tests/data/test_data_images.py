@@ -1,9 +1,13 @@
-"""Tests for image decoding to RGB and the torchvision transforms."""
+"""Tests for image decoding to RGB and the transforms, checked bit for bit against torchvision v2."""
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +149,87 @@ def test_seeded_train_transform_is_reproducible_and_isolated() -> None:
     assert torch.equal(torch.rand(1), after_a)  # the caller's RNG stream is untouched
     outs = {apply_transform(transform, img, seed=s).sum().item() for s in range(6)}
     assert len(outs) > 1  # different seeds give different crops
+
+
+def _torchvision_pipeline(image_size: int, *, train: bool, mean, std, hflip: bool):
+    # The v2 pipeline make_transform built before it dropped torchvision: the reference.
+    from torchvision.transforms import v2
+
+    if train:
+        geometry: list = [v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), antialias=True)]
+        if hflip:
+            geometry.append(v2.RandomHorizontalFlip())
+    else:
+        geometry = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()])
+
+
+# (width, height): tiny, 1 x N both ways, square, equal to / smaller / larger than the
+# targets, non-square both ways, and aspect ratios so extreme that all 10 crop tries
+# miss and RandomResizedCrop falls back to a central crop (e.g. 3 x 90).
+_SIZES = [(1, 1), (1, 9), (9, 1), (1, 40), (40, 1), (2, 3), (3, 90), (90, 3), (8, 8), (24, 24),
+          (33, 33), (24, 40), (40, 24), (33, 17), (17, 33), (31, 32), (64, 48), (48, 64),
+          (97, 61), (61, 97), (120, 120)]
+_TARGETS = [1, 8, 24, 33]
+_MODES = [(True, False), (True, True), (False, False)]  # (train, hflip)
+
+
+def _compare_with_torchvision(seeds: range) -> int:
+    rng = np.random.default_rng(5)
+    stats = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    compared = 0
+    for width, height in _SIZES:
+        img = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), mode="RGB")
+        for size in _TARGETS:
+            for train, hflip in _MODES:
+                kw = dict(train=train, hflip=hflip, **(stats if size % 2 else {}))
+                ours = make_transform(size, **kw)
+                ref = _torchvision_pipeline(size, mean=kw.get("mean", (0.5,) * 3),
+                                            std=kw.get("std", (0.5,) * 3), train=train, hflip=hflip)
+                for seed in seeds if train else seeds[:1]:
+                    # Seeded as apply_transform seeds; then the same number of draws from the
+                    # same stream: what the next sample draws is the same too.
+                    case = (width, height, size, train, hflip, seed)
+                    torch.manual_seed(seed)
+                    a, after_ours = ours(img), torch.rand(3)
+                    torch.manual_seed(seed)
+                    b, after_ref = ref(img), torch.rand(3)
+                    assert type(a) is torch.Tensor and torch.equal(a, b), case
+                    assert a.stride() == b.stride() and torch.equal(after_ours, after_ref), case
+                    compared += 1
+    return compared
+
+
+def test_transforms_match_torchvision_bit_for_bit() -> None:
+    assert _compare_with_torchvision(range(4)) > 700
+
+
+def test_transforms_match_torchvision_without_a_native_uint8_resize(monkeypatch) -> None:
+    # On CPUs without AVX2 both sides resize in float32 and round back to uint8.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert _compare_with_torchvision(range(1)) > 200
+
+
+def test_extreme_aspect_ratio_falls_back_to_the_central_crop() -> None:
+    # 3 x 90: no try fits, so every seed gives the same centred crop.
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, size=(90, 3, 3), dtype=np.uint8))
+    transform = make_transform(8, train=True)
+    first = apply_transform(transform, img, seed=0)
+    assert all(torch.equal(first, apply_transform(transform, img, seed=s)) for s in range(1, 5))
+
+
+def test_zero_std_is_refused() -> None:
+    with pytest.raises(ValueError, match="non-zero"):
+        make_transform(8, train=False, std=(0.5, 0.0, 0.5))
+
+
+def test_transforms_do_not_import_torchvision() -> None:
+    # Every Ray process that unpickles the data or model code would pay its seconds of import.
+    code = ("import sys, expertpar.data.images, expertpar.model.stems; "
+            "assert 'torchvision' not in sys.modules, 'torchvision imported'")
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [repo] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-2000:]
