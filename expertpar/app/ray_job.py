@@ -26,9 +26,10 @@ from ..distributed.actors import MoEActors, launch_moe_actors
 from ..distributed.data import build_index_on_ray, train_data_config, train_datasets
 from ..distributed.elastic import Watcher, actor_count, start_stop_signal, worker_shape
 from ..distributed.recovery import Recoveries, describe_loss, root_error
-from ..distributed.runtime import WorkerPayload, train_worker
+from ..distributed.entry import WorkerPayload, train_worker
 from ..train.checkpoint import latest_checkpoint, read_train_state
-from ..train.loop import RunSpec, TrainResult, nothing_to_do
+from ..train.loop import TrainResult, nothing_to_do
+from ..train.spec import RunSpec
 from ..train.setup import open_run, prepare_run
 
 log = logging.getLogger("expertpar")

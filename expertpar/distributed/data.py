@@ -4,7 +4,7 @@
    shards in parallel Ray tasks; tasks return index rows, captions and skip counts only.
 2. ``train_datasets`` makes one lazily generated Ray Dataset per Ray Train worker rank:
    ``ray.data.range`` row ids -> (step, sample index) via ``worker_indices`` -> a
-   ``map_batches`` actor that opens the index by its location (a memory map), reads each image
+   ``map_batches`` actor (prepare.py's ``PrepareRows``) that opens the index by its location (a memory map), reads each image
    by offset, and decodes, augments and tokenises through ``make_batch``, the function the
    in-process path uses; so both paths give bit-identical batches, from any start step.
 3. In the worker, ``iter_worker_batches(ray.train.get_dataset_shard(dataset_name(rank)), ...)``
@@ -23,9 +23,9 @@ import numpy as np
 import ray
 import torch
 
-from ..data import (Batch, SampleIndex, local_batch_size, make_batch, steps_per_epoch,
-                    train_transform, worker_indices)
+from ..data import Batch, SampleIndex, local_batch_size, steps_per_epoch
 from ..data.scan import ScannedFile
+from .prepare import PrepareRows
 
 _SCANS_PER_CPU = 2  # scan tasks kept in flight per cluster CPU: enough to hide stragglers
 
@@ -70,52 +70,12 @@ def dataset_name(rank: int) -> str:
     return f"train_rank{rank}"
 
 
-class _Prepare:
-    """map_batches callable: row ids of one worker's stream -> images, token ids and masks.
-
-    Row r is slot r % B_local of step start + r // B_local. Any run of rows works (Ray may cut
-    batches at block boundaries); each step's rows go through make_batch together.
-    """
-
-    def __init__(self, location: str, cfg, n: int, start: int, rank: int, world: int,
-                 tokenizer_json: str) -> None:
-        from tokenizers import Tokenizer
-        self.index = SampleIndex.open(location)  # a memory map; the location carries any limit
-        if len(self.index) != n:
-            raise ValueError(f"sample index {location}: {len(self.index)} samples in this worker, "
-                             f"{n} in the driver")
-        self.n, self.start, self.rank, self.world = n, start, rank, world
-        self.batch_size, self.seed = cfg.train.batch_size, cfg.run.seed
-        self.local = local_batch_size(self.batch_size, world)
-        self.transform = train_transform(cfg)
-        self.tokenizer = Tokenizer.from_str(tokenizer_json)
-        self.context_length = cfg.tokenizer.context_length
-
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = rows["id"].astype(np.int64)
-        steps = self.start + ids // self.local
-        slots = ids % self.local
-        cuts = np.flatnonzero(np.diff(steps)) + 1
-        parts = []
-        for step_run, slot_run in zip(np.split(steps, cuts), np.split(slots, cuts)):
-            step = int(step_run[0])
-            mine = worker_indices(self.n, self.batch_size, seed=self.seed, step=step,
-                                  rank=self.rank, world=self.world)
-            parts.append(make_batch(self.index, [mine[j] for j in slot_run.tolist()], step=step,
-                                    seed=self.seed, transform=self.transform,
-                                    tokenizer=self.tokenizer, context_length=self.context_length))
-        return {"step": steps,
-                "images": torch.cat([p.images_BCHW for p in parts]).numpy(),
-                "ids": torch.cat([p.ids_BL for p in parts]).numpy(),
-                "mask": torch.cat([p.mask_BL for p in parts]).numpy()}
-
-
 def _rank_dataset(location: str, n: int, cfg, tokenizer_json: str, *, start: int, end: int,
                   rank: int, world: int) -> ray.data.Dataset:
     local = local_batch_size(cfg.train.batch_size, world)
     ds = ray.data.range((end - start) * local)  # row ids, generated lazily in blocks
     return ds.map_batches(
-        _Prepare, batch_size=local, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+        PrepareRows, batch_size=local, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
         fn_constructor_kwargs={"location": location, "cfg": cfg, "n": n, "start": start,
                                "rank": rank, "world": world, "tokenizer_json": tokenizer_json})
 

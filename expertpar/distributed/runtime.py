@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -21,25 +20,16 @@ from tokenizers import Tokenizer
 
 from ..data import Batch, SampleIndex
 from ..train.checkpoint import read_shards
-from ..train.loop import RunSpec, dense_owner, run
+from ..train.loop import dense_owner, run
 from ..train.names import DENSE_FILE
 from ..train.setup import model_for_tokenizer, pick_device
 from ..train.step import SingleProcess, TorchDistributed
 from .bridge import RayBackend
 from .calls import wait_for
 from .data import dataset_name, iter_worker_batches
+from .entry import WorkerPayload
 
 log = logging.getLogger("expertpar")
-
-
-@dataclass(frozen=True)
-class WorkerPayload:
-    """What the driver hands every Ray Train worker (``train_loop_config["payload"]``)."""
-    spec: RunSpec
-    routers: list  # the router actors' handles (experts.num_routers)
-    console: object  # a ray.util.queue.Queue the driver prints from (see app/ray_job.py)
-    log_level: int = logging.INFO
-    signal: object = None  # the driver's StopSignal actor (distributed/elastic.py)
 
 
 class RemoteOwner:
@@ -170,9 +160,8 @@ def worker_threads(fixed: int | None, workers_on_node: int) -> int:
     return fixed or max(1, len(os.sched_getaffinity(0)) // max(1, workers_on_node))
 
 
-def train_worker(config: dict) -> None:
-    """The function Ray Train runs on every worker: wiring only."""
-    payload: WorkerPayload = config["payload"]
+def run_worker(payload: WorkerPayload) -> None:
+    """One Ray Train worker's part of the run (entry.py's ``train_worker`` calls it)."""
     _log_to_driver(payload.console, payload.log_level)
     run(payload.spec, RayRuntime(payload))
 

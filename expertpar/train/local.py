@@ -9,7 +9,8 @@ from tokenizers import Tokenizer
 from ..config import Config
 from ..data import Batch, SampleIndex, train_batches
 from .checkpoint import read_shards
-from .loop import RunSpec, TrainResult, dense_owner, nothing_to_do, run
+from .loop import TrainResult, dense_owner, nothing_to_do, run
+from .spec import RunSpec
 from .setup import model_for_tokenizer, open_run, pick_device, prepare_run
 from .step import SingleProcess
 

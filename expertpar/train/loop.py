@@ -19,33 +19,18 @@ from typing import Iterator, Protocol
 from tokenizers import Tokenizer
 
 from ..config import Config, dump_config
-from ..data import Batch, DatasetInfo, SampleIndex
+from ..data import Batch, SampleIndex
 from ..eval import evaluate
 from ..moe import RouteContext
 from .checkpoint import restore_rng, write_checkpoint
 from .metrics import MetricsLog, eval_line, progress_line
 from .names import model_buffers, model_entries
 from .optim import lr_at
+from .spec import RunSpec
 from .owners import Owner, ParameterOwner
 from .step import Collective, train_step
 
 log = logging.getLogger("expertpar")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything decided before the first step (on the driver): it travels to every worker."""
-    cfg: Config
-    run_dir: str
-    start: int  # first step to run (the resumed checkpoint's step, or 0)
-    end: int  # one past the last step this call runs
-    tokenizer_json: str
-    train_location: str  # the training split's sample index (see data/index.py)
-    train_samples: int
-    skipped: dict[str, int]  # bad training samples by reason, data/skipped/...
-    eval_location: str | None  # the held-out split's sample index
-    info: DatasetInfo | None  # class names and prompt templates for zero-shot evaluation
-    resume_from: str | None  # the checkpoint every owner restores from
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ..data import (SampleIndex, load_tokenizer, save_tokenizer, train_tokenizer
 from ..model import VisionLanguageModel
 from ..moe import MoEBackend
 from .checkpoint import CheckpointError, latest_checkpoint, read_train_state
-from .loop import RunSpec
+from .spec import RunSpec
 
 log = logging.getLogger("expertpar")
 IndexBuilder = Callable[..., SampleIndex]  # SampleIndex.build, or its Ray-parallel twin

@@ -74,3 +74,34 @@ def test_too_few_samples_fail_in_the_driver(ray_cpus, data_dir: Path, tmp_path: 
     index = SampleIndex.build(cfg.data.train)
     with pytest.raises(ValueError, match="fewer than batch_size 64"):
         train_datasets(index.location, cfg, "{}", start=0, end=2)
+
+
+def test_what_ray_trains_controller_and_ray_datas_coordinators_unpickle_loads_no_torch(
+        ray_cpus, data_dir: Path, tmp_path: Path) -> None:
+    """Ray Train's controller unpickles the worker function and its payload, and Ray Data's
+    coordinating actors the workers' datasets, on every start and recovery of a job: neither
+    may pull in torch or the model (seconds of CPU each, on every restart)."""
+    import subprocess
+    import sys
+
+    import ray.cloudpickle as cloudpickle
+
+    from expertpar.distributed.entry import WorkerPayload, train_worker
+    from expertpar.train.setup import open_run, prepare_run
+
+    cfg = tiny_config(data_dir, tmp_path, **{"distributed.backend": "ray",
+                                             "distributed.num_workers": 2})
+    spec, _, _ = prepare_run(cfg, open_run(cfg, resume=False), stop_after=None)
+    blob = tmp_path / "unpickled.pkl"
+    blob.write_bytes(cloudpickle.dumps((
+        train_worker, WorkerPayload(spec, [], None),
+        train_datasets(spec.train_location, cfg, spec.tokenizer_json, start=0, end=2))))
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
+         "print(' '.join(sorted(sys.modules)))", str(blob)],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert "expertpar.distributed.entry" in loaded and "expertpar.distributed.prepare" in loaded
+    heavy = [m for m in loaded if m.split(".")[0] in ("torch", "torchvision", "tokenizers")
+             or m.startswith(("expertpar.model", "expertpar.train.loop",
+                              "expertpar.distributed.runtime"))]
+    assert not heavy, heavy

@@ -1,8 +1,6 @@
 """The Ray backend against the in-process reference: forward, gradients, training, resume."""
 from __future__ import annotations
 
-import json
-import os
 import threading
 
 import pytest
@@ -10,19 +8,15 @@ import ray
 import torch
 
 from conftest import tiny_config
-from expertpar.app import train
 from expertpar.config import MoEConfig
 from expertpar.data import (Batch, ImageTextDataset, encode_captions, make_transform,
                             train_tokenizer, vocab_size)
 from expertpar.distributed.actors import start_moe_actors
 from expertpar.distributed.bridge import RayBackend
 from expertpar.distributed.runtime import RemoteOwner
-from expertpar.distributed.wire import shm_dir
 from expertpar.moe import MoELayer, RouteContext
-from expertpar.train.checkpoint import latest_checkpoint, read_shards
 from expertpar.train.loop import dense_owner
 from expertpar.train.loss import clip_loss
-from expertpar.train.metrics import read_metrics
 from expertpar.train.names import expert_entries, gate_entries, model_entries
 from expertpar.train.setup import build_model
 from expertpar.train.step import SingleProcess, train_step
@@ -244,46 +238,6 @@ def test_two_routers_route_their_workers_groups_like_the_grouped_layer(ray_local
     want = torch.cat([ref.gate.w_ED.grad.norm().reshape(1),
                       *[p.grad.norm().reshape(1) for p in ref.experts.parameters()]])
     assert float(norms[0].norm()) == pytest.approx(float(want.norm()), rel=1e-5)
-
-
-def _tensors(run_dir):
-    return read_shards(latest_checkpoint(run_dir / "checkpoints"))
-
-
-# Token choice with 1 router and the router transport: test_dist_faults.py's run, whose first
-# checkpoint (2 workers, top-2, capacity 1.0) is checked against one process the same way.
-@pytest.mark.parametrize("routing,routers,transport", [("expert_choice", 2, "direct")])
-def test_two_workers_train_like_one_process_and_leave_no_shared_buffers(ray_local, synth_dir,
-                                                                         tmp_path, routing,
-                                                                         routers, transport):
-    # With 2 routers, one per worker, the reference routes the batch in the same 2 groups.
-    common = {"train.steps": 5, "train.checkpoint_every": 5, "model.moe.capacity_factor": 1.0,
-              "model.moe.routing_groups": routers, **routed(routing)}
-    ref = train(tiny_config(synth_dir, tmp_path / "local", **common))
-    cfg = tiny_config(synth_dir, tmp_path / "ray", **common, **{
-        "distributed.backend": "ray", "distributed.num_workers": 2, "experts.num_actors": 2,
-        "experts.cpus_per_actor": 0.5, "experts.num_routers": routers,
-        "experts.transport": transport})
-    got = train(cfg)
-    start = [m for m in read_metrics(got.run_dir / "metrics.jsonl") if m.get("event") == "start"]
-    assert [m["train/workers"] for m in start] == [2]  # two Ray Train workers ran the loop
-    topology = json.loads((got.run_dir / "ray_topology.json").read_text())
-    assert [r["group"] for r in topology["routers"]] == list(range(routers))
-    assert got.losses == pytest.approx(ref.losses, rel=1e-5)
-    a, b = _tensors(ref.run_dir), _tensors(got.run_dir)
-    assert sorted(a) == sorted(b)
-    # Every parameter and AdamW moment at the design's 1e-5, relative per tensor
-    # (||got - want|| / ||want||); the worst seen is ~4.5e-6, an LN bias's first moment.
-    errors = {}
-    for file in a:
-        assert sorted(a[file]) == sorted(b[file]), file
-        for key in a[file]:
-            want, got_ = a[file][key].double(), b[file][key].double()
-            errors[(file, key)] = float((got_ - want).norm() / want.norm().clamp_min(1e-30))
-    worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
-    assert max(errors.values()) <= 1e-5, worst
-    # Every buffer was mapped by its receiver, which removed its name: nothing is left.
-    assert not [n for n in os.listdir(shm_dir()) if n.startswith("expertpar-wire")]
 
 
 def test_a_skipped_step_changes_no_gate_or_expert_and_the_next_step_runs(ray_local):

@@ -1,9 +1,18 @@
-"""Data that streams: the Ray path trains from a dataset much larger than what the driver ever
-sees. The driver indexes the shards with Ray tasks and hands workers an index location; image
-bytes go from the shards to the workers' Ray Data pipelines and never through the driver."""
+"""Two Ray Train workers, on data that streams, train like one process.
+
+One run (2 workers, 2 expert actors, expert choice with a router per worker, the direct
+transport) is checked two ways, since every Ray Train start costs ~30 s here:
+- against the in-process reference: every step's loss, every parameter and AdamW moment;
+- against the driver's traffic: the dataset is much larger than what the driver ever sees.
+  The driver indexes the shards with Ray tasks and hands workers an index location; image
+  bytes go from the shards to the workers' Ray Data pipelines and never through the driver.
+(Token choice with 1 router and the router transport: test_dist_faults.py's run, whose first
+checkpoint, 2 workers, top-2 at capacity 1.0, is checked against one process the same way.)"""
 from __future__ import annotations
 
 import io
+import json
+import os
 import pickle
 
 import numpy as np
@@ -15,6 +24,8 @@ from conftest import tiny_config
 from expertpar.app import train
 from expertpar.data import RawSample, write_dataset_info, write_webdataset
 from expertpar.data.catalog import DatasetInfo
+from expertpar.distributed.wire import shm_dir
+from expertpar.train.checkpoint import latest_checkpoint, read_shards
 from expertpar.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -48,7 +59,7 @@ class _DriverBytes:
     """Counts the serialised bytes of everything ``ray.get`` returns to, and ``ray.put``
     stores from, this process."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.total, self.largest = 0, 0
         get, put = ray.get, ray.put
 
@@ -73,22 +84,64 @@ class _DriverBytes:
         self.largest = max(self.largest, n)
 
 
-def test_ray_path_trains_from_data_twenty_times_what_reaches_the_driver(ray_local, big_data,
-                                                                        tmp_path, monkeypatch):
+ROUTERS = 2
+STEPS = 8
+# Expert choice (top_k does not apply) at capacity 1.0, in 2 routing groups: the reference
+# routes the batch in the same 2 groups as the 2 routers, one per worker.
+COMMON = {"data.eval": "null", "train.steps": STEPS, "train.checkpoint_every": STEPS,
+          "train.log_every": 4, "model.moe.routing": "expert_choice",
+          "model.moe.capacity_factor": 1.0, "model.moe.routing_groups": ROUTERS}
+
+
+@pytest.fixture(scope="module")
+def two_workers(ray_local, big_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_workers")
+    reference = train(tiny_config(big_data, tmp / "local", **COMMON))
+    cfg = tiny_config(big_data, tmp / "ray", **COMMON, **{
+        "distributed.backend": "ray", "distributed.num_workers": 2, "experts.num_actors": 2,
+        "experts.cpus_per_actor": 0.5, "experts.num_routers": ROUTERS,
+        "experts.transport": "direct"})
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        seen = _DriverBytes(monkeypatch)
+        result = train(cfg)
+    return {"reference": reference, "result": result, "driver": seen}
+
+
+def _tensors(run_dir):
+    return read_shards(latest_checkpoint(run_dir / "checkpoints"))
+
+
+def test_two_workers_train_like_one_process_and_leave_no_shared_buffers(two_workers):
+    ref, got = two_workers["reference"], two_workers["result"]
+    start = [m for m in read_metrics(got.run_dir / "metrics.jsonl") if m.get("event") == "start"]
+    assert [m["train/workers"] for m in start] == [2]  # two Ray Train workers ran the loop
+    topology = json.loads((got.run_dir / "ray_topology.json").read_text())
+    assert [r["group"] for r in topology["routers"]] == list(range(ROUTERS))
+    assert len(got.losses) == STEPS and got.losses == pytest.approx(ref.losses, rel=1e-5)
+    a, b = _tensors(ref.run_dir), _tensors(got.run_dir)
+    assert sorted(a) == sorted(b)
+    # Every parameter and AdamW moment at the design's 1e-5, relative per tensor
+    # (||got - want|| / ||want||).
+    errors = {}
+    for file in a:
+        assert sorted(a[file]) == sorted(b[file]), file
+        for key in a[file]:
+            want, got_ = a[file][key].double(), b[file][key].double()
+            errors[(file, key)] = float((got_ - want).norm() / want.norm().clamp_min(1e-30))
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert max(errors.values()) <= 1e-5, worst
+    # Every buffer was mapped by its receiver, which removed its name: nothing is left.
+    assert not [n for n in os.listdir(shm_dir()) if n.startswith("expertpar-wire")]
+
+
+def test_ray_path_trains_from_data_twenty_times_what_reaches_the_driver(two_workers, big_data):
     data_bytes = sum(p.stat().st_size for p in (big_data / "train").glob("*.tar"))
     assert data_bytes >= 20 * DRIVER_CAP, data_bytes
-    cfg = tiny_config(big_data, tmp_path, **{
-        "data.eval": "null", "train.steps": 12, "train.checkpoint_every": 12,
-        "train.log_every": 4, "distributed.backend": "ray", "distributed.num_workers": 2,
-        "experts.num_actors": 2, "experts.cpus_per_actor": 0.5})
-    seen = _DriverBytes(monkeypatch)
-    result = train(cfg)
-    monkeypatch.undo()
-    assert result.steps_done == 12 and len(result.losses) == 12
-    assert np.isfinite(result.losses).all()
+    result, seen = two_workers["result"], two_workers["driver"]
+    assert result.steps_done == STEPS and np.isfinite(result.losses).all()
     start = [m for m in read_metrics(result.run_dir / "metrics.jsonl") if m.get("event")]
     assert start[0]["data/train_samples"] == 640 and start[0]["train/workers"] == 2
-    # 12 steps x 32 samples: 384 samples trained on, ~4.7 MB of images; the driver saw index
+    # 8 steps x 32 samples: 256 samples trained on, ~3 MB of images; the driver saw index
     # rows, captions, actor handles and metrics only.
     print(f"data {data_bytes} B; the driver received or put {seen.total} B in all, the largest "
           f"object {seen.largest} B")  # shown with -s; the README quotes it
