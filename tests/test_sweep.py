@@ -39,6 +39,18 @@ def test_as_many_trials_run_at_once_as_the_free_resources_hold_beside_a_spare_cp
     assert trials_at_once(heavy, {"a": {"CPU": 9.0}}) == 1
 
 
+def test_gpus_bound_the_trials_at_once_as_cpus_do(tmp_path):
+    gpu = {"distributed.use_gpu": True, "train.device": "cuda", "experts.gpus_per_actor": 0.25,
+           **ACTORS}
+    sweep = load_sweep(write_sweep(tmp_path, base=gpu, num_samples=8))
+    assert sum(s.get("GPU", 0.0) for s in trial_shapes(sweep.base)) == 1.5  # 1 + 2 x 0.25
+    assert trials_at_once(sweep, {"a": {"CPU": 64.0, "GPU": 4.0}}) == 2
+    assert trials_at_once(sweep, {"a": {"CPU": 64.0, "GPU": 2.0}}) == 1
+    with pytest.raises(ValueError, match=r"a trial with model.moe.top_k=1 does not fit the "
+                                         r"cluster: it holds 3.01 CPU, 1.5 GPU"):
+        trials_at_once(sweep, {"a": {"CPU": 64.0}})
+
+
 def test_a_trial_that_fits_nowhere_stops_the_sweep_naming_its_knob_values(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, base=ACTORS,
                                    space={"experts.num_actors": {"choice": [1, 4]}}))

@@ -71,19 +71,22 @@ def run_sweep(path: str | Path, out: str | Path,
     if (out / "trials").exists() or (out / "results.csv").exists():
         raise ValueError(f"--out {out} already holds a sweep; choose another directory")
     sc = sweep.config
-    # An embedded Ray holds the heaviest trial at least (and more where the cores allow).
-    started = ray_init(max((cfg for _, cfg in sweep.extremes), key=_cpus))
-    try:
-        at_once = trials_at_once(sweep, free_resources())
-        log.info("sweep %s: %d trial%s of %s, %d at a time, %s %s; each trial a Ray run in %s",
-                 sweep.path, sc.num_samples, "s" if sc.num_samples != 1 else "",
-                 ", ".join(sweep.knobs), at_once, sc.mode, sc.metric, out / "trials")
-        _index_once(sweep.base, started)
-        grid = _tune(sweep, out, at_once)
-        rows = [trial_row(result, sweep) for result in grid]
-    finally:
-        if started:
-            ray.shutdown()
+    # Standard output carries the table only: what Tune prints there even when told to be
+    # silent (verbose=0), and Ray's warnings, go to standard error with the progress lines.
+    with redirect_stdout(sys.stderr):
+        # An embedded Ray holds the heaviest trial at least (more where the cores allow).
+        started = ray_init(max((cfg for _, cfg in sweep.extremes), key=_cpus))
+        try:
+            at_once = trials_at_once(sweep, free_resources())
+            log.info("sweep %s: %d trial%s of %s, %d at a time, %s %s; each trial a Ray run "
+                     "in %s", sweep.path, sc.num_samples, "s" if sc.num_samples != 1 else "",
+                     ", ".join(sweep.knobs), at_once, sc.mode, sc.metric, out / "trials")
+            _index_once(sweep.base, started)
+            grid = _tune(sweep, out, at_once)
+            rows = [trial_row(result, sweep) for result in grid]
+        finally:
+            if started:
+                ray.shutdown()
     rows = ranked(rows, sc.metric, sc.mode)
     write_csv(rows, sweep.knobs, sc.metric, out / "results.csv")
     text = table(rows, sweep.knobs, sc.metric)
@@ -236,11 +239,8 @@ def _tune(sweep: Sweep, out: Path, at_once: int):
             trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
                                   callbacks=[progress]))
-    # Tune prints its banner on standard output even when told to be silent (verbose=0);
-    # standard output carries the sweep's table only.
     try:
-        with redirect_stdout(sys.stderr):
-            return tuner.fit()
+        return tuner.fit()
     finally:
         progress.finish()
 

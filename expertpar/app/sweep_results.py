@@ -120,8 +120,13 @@ def sweep_figure(rows: list[dict], space: Sequence[SearchDim], metric: str, mode
                        color="tab:orange", zorder=3, label=f"best ({best['trial']})")
         if numeric and dim.kind == "loguniform":
             ax.set_xscale("log")
-        elif numeric and dim.kind == "choice":  # the choices themselves, not 1.95, 2.05...
+        if numeric and dim.kind == "choice":  # the choices themselves, not 1.95, 2.05...
             ax.set_xticks(sorted(set(dim.values)))
+        elif numeric:  # the whole range searched, so one sees where the trials fell in it
+            lo, hi = dim.values
+            pad = (hi / lo) ** 0.04 if dim.kind == "loguniform" else None
+            ax.set_xlim(*((lo / pad, hi * pad) if pad else (lo - 0.04 * (hi - lo),
+                                                             hi + 0.04 * (hi - lo))))
         ax.set_title(dim.key, fontsize="medium")
         ax.set_xlabel(dim.key.rsplit(".", 1)[-1])
         ax.set_ylabel(metric)
