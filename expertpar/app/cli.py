@@ -1,10 +1,10 @@
-"""Command line: ``expertpar train|eval|report|upcycle|bench|data``; ``main(argv)`` for tests.
+"""Command line: ``expertpar train|eval|report|upcycle|sweep|bench|data``; ``main(argv)`` for tests.
 
 Everything the package says goes through the ``expertpar`` logger to stderr (progress lines
 included): ``--quiet`` keeps warnings and errors only, ``--verbose`` adds debug detail, and a
 program that imports expertpar can silence or redirect it like any other logger. Standard output
 carries results only (``expertpar eval`` prints its metrics as JSON there, ``expertpar report``
-the path of its page)."""
+the path of its page, ``expertpar sweep`` its table of trials)."""
 from __future__ import annotations
 
 import argparse
@@ -92,6 +92,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a key of the upcycled run's config, e.g. "
                         "--set model.moe.dropless=true --set train.steps=200")
 
+    w = sub.add_parser("sweep", help="a Ray Tune search over the MoE's knobs: each trial a Ray "
+                       "run, ASHA stops the weak ones early")
+    w.add_argument("sweep", help="sweep YAML, e.g. jobs/sweep.yaml")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the base job for every trial, e.g. "
+                        "--set train.steps=200")
+    w.add_argument("--address", default=None,
+                   help="run on this Ray cluster ('auto' after `ray start --head`)")
+    w.add_argument("--out", default="sweep-results", metavar="DIR",
+                   help="results.csv, best.yaml, sweep.png and each trial's run in trials/ "
+                        "(default sweep-results; not a directory that holds a sweep)")
+
     b = sub.add_parser("bench", help="step time of the Ray path vs in process, side by side")
     b.add_argument("config", help="job YAML whose model is measured")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -171,6 +183,20 @@ def _upcycle(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .sweep import run_sweep
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"distributed.address={args.address}")
+    r = run_sweep(args.sweep, args.out, overrides)
+    print(r.table)  # the result itself, not a log line
+    log.info("wrote %s, %s and %s; each trial's run is in %s", r.out / "results.csv",
+             r.out / "best.yaml", r.out / "sweep.png", r.out / "trials")
+    log.info("train the best: expertpar train %s", r.out / "best.yaml")
+    return 0
+
+
 def _bench(args) -> int:
     from ..config import load_config
     from .bench import BenchPlan, run_bench
@@ -214,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..train.owners import CheckpointError  # a checkpoint that does not verify, by name
 
     handler = {"train": _train, "eval": _eval, "report": _report, "upcycle": _upcycle,
-               "data": _data, "bench": _bench, "gpu-check": _gpu_check}[args.command]
+               "data": _data, "sweep": _sweep, "bench": _bench,
+               "gpu-check": _gpu_check}[args.command]
     try:
         return handler(args)
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:

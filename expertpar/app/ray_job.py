@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -24,7 +25,8 @@ import ray
 from ..config import Config
 from ..distributed.actors import MoEActors, launch_moe_actors
 from ..distributed.data import build_index_on_ray, train_data_config, train_datasets
-from ..distributed.elastic import Watcher, actor_count, start_stop_signal, worker_shape
+from ..distributed.elastic import (Watcher, actor_count, job_shapes, start_stop_signal,
+                                   worker_shape)
 from ..distributed.recovery import Recoveries, describe_loss, root_error
 from ..distributed.entry import WorkerPayload, train_worker
 from ..train.checkpoint import latest_checkpoint, read_train_state
@@ -58,8 +60,7 @@ def ray_init(cfg: Config) -> bool:
     else:
         # Logical CPUs: enough for the workers, the expert actors and the Ray Data actors even
         # on a 2-core machine (the OS shares the cores; Ray only counts).
-        need = (cfg.distributed.num_workers * (cfg.distributed.cpus_per_worker + 1)
-                + cfg.experts.max_actors * cfg.experts.cpus_per_actor + 2)
+        need = sum(shape.get("CPU", 0.0) for shape in job_shapes(cfg)) + 2
         num_cpus = cfg.distributed.embedded_num_cpus or max(os.cpu_count() or 1, int(need + 0.5))
         mode = os.environ.get("RAY_AUTH_MODE", "token")
         if mode.lower() != "token":
@@ -149,7 +150,10 @@ def scaling(cfg: Config) -> dict:
             "resources_per_worker": worker_shape(cfg)}
 
 
-def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None) -> TrainResult:
+def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None,
+              callbacks: Sequence = ()) -> TrainResult:
+    """Train on Ray as ``cfg`` says; ``callbacks`` (Ray Train UserCallbacks, e.g. Tune's
+    TuneReportCallback in a sweep's trial) go to every fit, recoveries' included."""
     times: dict[str, float] = {}
     pool, starting = ThreadPoolExecutor(1), None
     t_setup = t = time.perf_counter()
@@ -183,7 +187,7 @@ def train_ray(cfg: Config, *, resume: bool = True, stop_after: int | None = None
             # Train starts its workers; a worker's first call waits for them.
             finishing = pool.submit(_finish_start, cfg, moe, run_dir)
             try:
-                result = _fit(cfg, spec, moe)
+                result = _fit(cfg, spec, moe, callbacks)
             except Exception as err:
                 if finishing.exception() is not None:  # they never came up: not a loss
                     raise RuntimeError(f"the MoE actors did not start: "
@@ -258,9 +262,9 @@ def _finish_start(cfg: Config, moe: MoEActors, run_dir: Path) -> None:
              len(moe.actors), time.perf_counter() - t)
 
 
-def _fit(cfg: Config, spec: RunSpec, moe: MoEActors):
+def _fit(cfg: Config, spec: RunSpec, moe: MoEActors, callbacks: Sequence = ()):
     """One Ray Train run of the steps ``spec`` names, on the workers' data streams, until its
-    end or a planned stop (distributed/elastic.py)."""
+    end or a planned stop (distributed/elastic.py); ``callbacks`` see its reports."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -280,6 +284,7 @@ def _fit(cfg: Config, spec: RunSpec, moe: MoEActors):
             run_config=RunConfig(
                 name=cfg.run.name, storage_path=str(run_dir / "ray_train"),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                callbacks=list(callbacks),
                 # Ray Train must not restart workers on its own, not even after a preemption
                 # (its default retries those forever): a restarted worker would replay from
                 # the launch-time step while the actors keep their advanced state. Every

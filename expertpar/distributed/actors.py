@@ -140,7 +140,10 @@ def launch_moe_actors(cfg: Config, checkpoint: str | None = None, *,
     # Router r's GPU share goes in expert actor (r mod A)'s bundle: one GPU for both.
     bundles = actor_shapes(cfg, A)
     R = ex.num_routers
-    pg = placement_group(bundles, strategy=strategy)
+    tag = uuid.uuid4().hex[:8]
+    # Named like the actors: a placement group made by an actor (a sweep's trial) outlives
+    # it, and whoever cleans up after one finds its group by the run's name (app/sweep.py).
+    pg = placement_group(bundles, strategy=strategy, name=f"expertpar-{cfg.run.name}-{tag}")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
@@ -148,7 +151,6 @@ def launch_moe_actors(cfg: Config, checkpoint: str | None = None, *,
                            f"(experts.num_actors, experts.cpus_per_actor, experts.gpus_per_actor"
                            f", experts.router_gpus) within {timeout_s:.0f}s; resources: "
                            f"{ray.cluster_resources()}")
-    tag = uuid.uuid4().hex[:8]
     actor_cls = ray.remote(ExpertActor)
     # Ray 2.60 shows every GPU of a node to an actor that asked for none; a CPU expert actor
     # (or router) on a GPU node must not initialise CUDA there (it would take memory on GPU 0).

@@ -41,7 +41,9 @@ def quiet_data_context() -> None:
 def _ray_map(func: Callable[[str], ScannedFile], uris: Iterable[str], *,
              max_in_flight: int | None = None) -> Iterator[ScannedFile]:
     """map(func, uris) as Ray tasks, results in input order, a bounded number in flight."""
-    task = ray.remote(func)
+    # Never in the caller's placement group: a sweep's trial (a Tune actor, app/sweep.py)
+    # reserves next to no CPU, and a scan captured into its group could never be placed.
+    task = ray.remote(func).options(scheduling_strategy="DEFAULT")
     window = max_in_flight or max(1, _SCANS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
     for uri in uris:

@@ -79,6 +79,23 @@ def worker_shapes(cfg: Config) -> list[Resources]:
     return [worker_shape(cfg) for _ in range(cfg.distributed.num_workers)]
 
 
+# Per train worker, beside it: its Ray Data actor (distributed/data.py, 0.5 CPU) and room for
+# the read tasks that feed it.
+DATA_CPUS_PER_WORKER = 1.0
+
+
+def job_shapes(cfg: Config) -> list[Resources]:
+    """Everything one Ray job of ``cfg`` holds while it trains: its train workers, each one's
+    Ray Data share, the expert actors at their most (routers' GPU shares in their bundles) and
+    the routers' own CPUs where no bundle carries them."""
+    ex = cfg.experts
+    routers = ([] if ex.router_gpus or not ex.router_cpus
+               else [{"CPU": ex.router_cpus} for _ in range(ex.num_routers)])
+    return [*worker_shapes(cfg),
+            *[{"CPU": DATA_CPUS_PER_WORKER} for _ in range(cfg.distributed.num_workers)],
+            *actor_shapes(cfg, ex.max_actors), *routers]
+
+
 def draining_nodes() -> dict[str, int]:
     """Nodes being drained (hex id -> deadline in ms since the epoch, 0: none given)."""
     return ray._private.state.state.get_draining_nodes() or {}

@@ -169,7 +169,9 @@ def _steps(spec: RunSpec, rt: Runtime, tokenizer: Tokenizer,
             keep = not bad or last
             path = save(spec, done, rt.owners) if lead and keep else None
             last_checkpoint = path or last_checkpoint
-            report = {"step": done, "loss/total": loss, **metrics}
+            # The newest evaluation rides along (flat numbers), so a report can be judged
+            # by it: a sweep's metric is zero_shot/top1 by default (app/sweep.py).
+            report = {"step": done, "loss/total": loss, **metrics, **eval_metrics}
             if done == spec.end or stop:
                 report.update({"losses": losses, "eval": eval_metrics, "stopped": stop})
             rt.report(done, report, path)
