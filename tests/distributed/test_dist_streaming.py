@@ -96,14 +96,17 @@ COMMON = {"data.eval": "null", "train.steps": STEPS, "train.checkpoint_every": S
 @pytest.fixture(scope="module")
 def two_workers(ray_local, big_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_workers")
-    reference = train(tiny_config(big_data, tmp / "local", **COMMON))
     cfg = tiny_config(big_data, tmp / "ray", **COMMON, **{
         "distributed.backend": "ray", "distributed.num_workers": 2, "experts.num_actors": 2,
         "experts.cpus_per_actor": 0.5, "experts.num_routers": ROUTERS,
         "experts.transport": "direct"})
+    # The Ray run first: it indexes the shards (Ray tasks whose rows reach the driver, and are
+    # counted); the in-process run after it finds that index cached.
+    assert not list(big_data.rglob(".expertpar-index"))
     with pytest.MonkeyPatch.context() as monkeypatch:
         seen = _DriverBytes(monkeypatch)
         result = train(cfg)
+    reference = train(tiny_config(big_data, tmp / "local", **COMMON))
     return {"reference": reference, "result": result, "driver": seen}
 
 
