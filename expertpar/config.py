@@ -417,7 +417,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(tp: Any, value: Any, path: str) -> Any:
+def convert_value(tp: Any, value: Any, path: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (tuples for list fields)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -429,7 +429,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(arg, value, path)
+                return convert_value(arg, value, path)
             except ConfigError as err:
                 errors.append(err)
         raise errors[0] if len(errors) == 1 else ConfigError(
@@ -443,9 +443,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{path}': {value!r} is not a list")
-        return tuple(_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+        return tuple(convert_value(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        return build_section(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{path}': {value!r} is not a boolean (true/false)")
@@ -469,7 +469,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} at {path}")
 
 
-def _build(cls: type, data: Any, path: str = "") -> Any:
+def build_section(cls: type, data: Any, path: str = "") -> Any:
     prefix = f"{path}." if path else ""
     if data is None:
         data = {}
@@ -481,10 +481,10 @@ def _build(cls: type, data: Any, path: str = "") -> Any:
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' = {data[unknown[0]]!r} "
                           f"(known keys under '{path or '<root>'}': {sorted(names)})")
-    kwargs = {k: _convert(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    kwargs = {k: convert_value(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
     for f in dataclasses.fields(cls):  # absent sections are still checked (data.train!)
         if f.name not in kwargs and dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], {}, f"{prefix}{f.name}")
+            kwargs[f.name] = build_section(hints[f.name], {}, f"{prefix}{f.name}")
     obj = cls(**kwargs)
     for key, message in obj.check():
         value = obj
@@ -495,7 +495,16 @@ def _build(cls: type, data: Any, path: str = "") -> Any:
     return obj
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
+def get_path(tree: dict, dotted: str) -> Any:
+    """The value at ``dotted`` ("model.moe.top_k") in a config tree; None where a section or
+    key is absent."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``dotted`` in a config tree, making absent (or empty) sections on the way."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -525,8 +534,8 @@ def config_from_dict(data: dict, overrides: tuple[str, ...] | list[str] = ()) ->
     tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
     for text in overrides:
         key, value = parse_override(text)
-        _set_path(tree, key, value)
-    return _build(Config, tree)
+        set_path(tree, key, value)
+    return build_section(Config, tree)
 
 
 def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:

@@ -23,8 +23,8 @@ import yaml
 
 # The strict builder, number reader and key setter every config file goes through, so a sweep
 # file's errors read like a job file's.
-from ..config import (Config, ConfigError, _build, _convert, _set_path, config_to_dict,
-                      load_config)
+from ..config import (Config, ConfigError, build_section, config_to_dict, convert_value,
+                      load_config, set_path)
 
 KINDS = ("choice", "uniform", "loguniform", "randint")
 SPEC_HELP = ("one of {choice: [a, b, ...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
@@ -136,7 +136,7 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
     data = dict(data)
     space, fixed = data.pop("space", None), data.pop("set", None) or {}
     try:
-        cfg = _build(SweepConfig, data)
+        cfg = build_section(SweepConfig, data)
         if not isinstance(fixed, dict):
             raise ConfigError(f"sweep key 'set': {fixed!r} is not a mapping of config keys to "
                               f"values")
@@ -176,7 +176,7 @@ def _space(space: Any, fixed: dict) -> tuple[SearchDim, ...]:
             if not isinstance(values, list) or len(values) != 2:
                 raise ConfigError(f"{where}: {spec!r}: {kind} needs [lo, hi]")
             tp = int if kind == "randint" else float
-            lo, hi = (_convert(tp, v, f"space.{key}.{kind}[{i}]") for i, v in enumerate(values))
+            lo, hi = (convert_value(tp, v, f"space.{key}.{kind}[{i}]") for i, v in enumerate(values))
             if not lo < hi:
                 raise ConfigError(f"{where}: {spec!r}: needs lo < hi")
             if kind == "loguniform" and not lo > 0:
@@ -189,7 +189,7 @@ def _space(space: Any, fixed: dict) -> tuple[SearchDim, ...]:
 def _number(value: Any) -> Any:
     if isinstance(value, str):
         try:
-            return _convert(float, value, "")
+            return convert_value(float, value, "")
         except ConfigError:
             return value
     return value
@@ -216,8 +216,8 @@ def trial_config(job: dict, values: dict[str, Any]) -> Config:
     builds hundreds of these (config_from_dict's YAML round trip would take seconds)."""
     tree = copy.deepcopy(job)
     for key, value in values.items():
-        _set_path(tree, key, value)
-    return _build(Config, tree)
+        set_path(tree, key, value)
+    return build_section(Config, tree)
 
 
 def _check_metric(cfg: SweepConfig, base: Config) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import Config, config_to_dict, dump_config
+from ..config import Config, config_to_dict, dump_config, get_path
 from ..data import (SampleIndex, load_tokenizer, save_tokenizer, train_tokenizer,
                     vocab_size)
 from ..model import VisionLanguageModel
@@ -89,10 +89,7 @@ def check_resumable(cfg: Config, ckpt: Path) -> None:
     now = config_to_dict(cfg)
     differences = []
     for key in SHAPING_KEYS:
-        there, here = saved, now
-        for part in key.split("."):
-            there = there.get(part) if isinstance(there, dict) else None
-            here = here.get(part) if isinstance(here, dict) else None
+        there, here = get_path(saved, key), get_path(now, key)
         if there is not None and there != here:
             differences.append(f"{key} {there!r} there, {here!r} now")
     if differences:

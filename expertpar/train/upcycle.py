@@ -44,7 +44,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..config import (Config, ConfigError, config_from_dict, config_to_dict, dump_config,
-                      load_config, parse_override)
+                      get_path, load_config, parse_override)
 from ..data import vocab_size
 from ..model.vlm import dense_ffn_hidden, is_moe_layer
 from .checkpoint import (CheckpointError, latest_checkpoint, read_shards, read_train_state,
@@ -206,7 +206,7 @@ def upcycled_config(dense: Config, out: Path, *, experts: int, top_k: int | None
     cfg = _build(tree, overrides)
     now, was = config_to_dict(cfg), config_to_dict(dense)
     for key in COPIED_KEYS:
-        a, b = _get(now, key), _get(was, key)
+        a, b = get_path(now, key), get_path(was, key)
         if a != b:
             raise UpcycleError(f"--set {key}={a!r} conflicts with the dense run ({key} {b!r}): "
                                f"the upcycled run copies its parameters and tokenizer, made for "
@@ -247,12 +247,6 @@ def _misfit(keys: list[str], what: str) -> str:
                                         "model.moe.expert_hidden")]
     by = f" (after --set {', '.join(shaping)})" if shaping else ""
     return f"the upcycled model does not fit the dense run's FFNs{by}: {what}"
-
-
-def _get(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 def _warn_if_not_exact(cfg: Config) -> None:
