@@ -143,3 +143,15 @@ def test_a_bad_base_job_is_refused_naming_the_base(tmp_path):
     with pytest.raises(ConfigError, match=r"the base job .*: unknown config key "
                                           r"'model.moe.top' = 1"):
         load_sweep(write_sweep(tmp_path, set={"model.moe.top": 1}))
+
+
+def test_a_space_key_that_is_not_a_dotted_name_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep key 'space': 1 is not a dotted config key"):
+        load_sweep(write_sweep(tmp_path, space={1: {"choice": [1, 2]}}))
+
+
+def test_a_zero_shot_metric_on_a_split_without_classes_is_refused_by_name(tmp_path):
+    (tmp_path / "data" / "test").mkdir(parents=True)  # there, but no dataset.json
+    with pytest.raises(ConfigError, match=r"sweep key 'metric': 'zero_shot/top1' needs class "
+                                          r"names .* has no dataset.json with classes"):
+        load_sweep(write_sweep(tmp_path, metric="zero_shot/top1", mode="max"))

@@ -40,6 +40,7 @@ from ..config import Config, config_to_dict
 from ..data import storage
 from ..distributed.data import build_index_on_ray
 from ..distributed.elastic import Resources, fit_count, free_resources, job_shapes
+from ..distributed.wire import sweep_dead
 from .ray_job import ray_init, train_ray
 from .sweep_config import SearchDim, Sweep, describe, load_sweep, trial_config
 from .sweep_results import (best_job, best_row, cell, ranked, sweep_figure, table,
@@ -226,6 +227,9 @@ def _tune(sweep: Sweep, out: Path, at_once: int):
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, job=trial_job(sweep.base, out / "trials")),
         {"cpu": TRIAL_CPUS})
+    # A report without the metric (a stop step for a preemption notice or a joining node
+    # skips evaluation) is for ASHA to pass over, not for Tune to end the whole sweep on.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     tuner = tune.Tuner(
         trainable,
         param_space={d.key: _domain(d) for d in sc.space},
@@ -298,6 +302,9 @@ def release_trial(trial_id: str, timeout_s: float = 60.0) -> list[str]:
     if removed:
         log.info("trial %s: freed what its expert actors held (%s)", trial_id,
                  ", ".join(removed))
+    # Actors that died abruptly leave their shared-memory buffers behind (an orderly
+    # shutdown sweeps them); those of dead processes go now, on this node.
+    sweep_dead()
     return removed
 
 

@@ -25,6 +25,7 @@ import yaml
 # file's errors read like a job file's.
 from ..config import (Config, ConfigError, build_section, config_to_dict, convert_value,
                       load_config, set_path)
+from ..data.catalog import find_dataset_info
 
 KINDS = ("choice", "uniform", "loguniform", "randint")
 SPEC_HELP = ("one of {choice: [a, b, ...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
@@ -158,6 +159,8 @@ def _space(space: Any, fixed: dict) -> tuple[SearchDim, ...]:
                           f"({SPEC_HELP}), at least one")
     dims = []
     for key, spec in space.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"sweep key 'space': {key!r} is not a dotted config key")
         where = f"sweep key 'space.{key}'"
         if key in MANAGED:
             raise ConfigError(f"{where}: {spec!r}: '{key}' is not a knob ({MANAGED[key]})")
@@ -234,6 +237,13 @@ def _check_metric(cfg: SweepConfig, base: Config) -> None:
         if not base.data.eval:
             raise ConfigError(f"{where} is an evaluation metric, but the base job has no "
                               f"data.eval")
+        # Checked where the split is here to read (a missing one is the run's own error).
+        if cfg.metric.startswith("zero_shot/") and Path(base.data.eval).exists():
+            info = find_dataset_info(base.data.eval)
+            if info is None or not info.classes:
+                raise ConfigError(f"{where} needs class names for zero-shot evaluation, and "
+                                  f"data.eval {base.data.eval!r} has no dataset.json with "
+                                  f"classes; use a retrieval metric")
         if tc.checkpoint_every and (not tc.eval_every or tc.checkpoint_every % tc.eval_every):
             raise ConfigError(
                 f"{where} is an evaluation metric: each report (every train.checkpoint_every "

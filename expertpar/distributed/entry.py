@@ -1,8 +1,9 @@
 """What the driver hands Ray Train: the function every worker runs, and its payload.
 
 Light on imports on purpose: Ray Train's controller unpickles both before any worker starts,
-on every start and every recovery of a job, and importing torch and the model there would cost
-seconds of CPU each time. The worker imports the rest (runtime.py) when it runs.
+on every start and every recovery of a job, and importing the model, the loop and the data
+pipeline there would cost seconds of CPU each time (torch itself comes to the controller with
+Ray's own TorchConfig). The worker imports the rest (runtime.py) when it runs.
 """
 from __future__ import annotations
 

@@ -98,6 +98,7 @@ def _steps(spec: RunSpec, rt: Runtime, tokenizer: Tokenizer,
     model, device = rt.model, rt.device
 
     losses, eval_metrics, loss = [], {}, float("nan")
+    eval_step = None  # the step eval_metrics are of
     # Non-finite steps: skipped ones in a row (and the first of them), and in all.
     bad, first_bad, skipped = 0, None, 0
     last_checkpoint = spec.resume_from
@@ -157,6 +158,7 @@ def _steps(spec: RunSpec, rt: Runtime, tokenizer: Tokenizer,
             if lead:
                 eval_metrics = evaluate(model, eval_data, tokenizer, cfg, info=spec.info,
                                         device=device)
+                eval_step = done
                 metrics_log.write({"step": done, **eval_metrics})
                 (run_dir / "eval.json").write_text(json.dumps({"step": done, **eval_metrics},
                                                               indent=1))
@@ -169,9 +171,11 @@ def _steps(spec: RunSpec, rt: Runtime, tokenizer: Tokenizer,
             keep = not bad or last
             path = save(spec, done, rt.owners) if lead and keep else None
             last_checkpoint = path or last_checkpoint
-            # The newest evaluation rides along (flat numbers), so a report can be judged
-            # by it: a sweep's metric is zero_shot/top1 by default (app/sweep.py).
-            report = {"step": done, "loss/total": loss, **metrics, **eval_metrics}
+            # This step's evaluation rides along (flat numbers), so a report can be judged
+            # by it: a sweep's metric is zero_shot/top1 by default (app/sweep.py). Never an
+            # older one (a stop step skips evaluation): a trial is not judged on a stale value.
+            report = {"step": done, "loss/total": loss, **metrics,
+                      **(eval_metrics if eval_step == done else {})}
             if done == spec.end or stop:
                 report.update({"losses": losses, "eval": eval_metrics, "stopped": stop})
             rt.report(done, report, path)

@@ -1,7 +1,8 @@
 """What the driver decides before the first step, and hands every worker.
 
-Its own module, light on imports (no torch): Ray Train's controller unpickles it with the
-workers' payload, and every import there delays each start and recovery of a Ray job.
+Its own module, light on imports (no torch, model or data pipeline): Ray Train's controller
+unpickles it with the workers' payload, and every import there delays each start and recovery
+of a Ray job.
 """
 from __future__ import annotations
 
