@@ -538,18 +538,25 @@ def config_from_dict(data: dict, overrides: tuple[str, ...] | list[str] = ()) ->
     return build_section(Config, tree)
 
 
-def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """The YAML mapping in ``path`` (an empty file is an empty one); errors name ``what``
+    ("config file", "sweep file") and the path."""
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+        raise ConfigError(f"{what} '{path}' does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {err}") from None
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}': top level must be a mapping")
+        raise ConfigError(f"{what} '{path}': top level must be a mapping")
+    return dict(data or {})
+
+
+def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    path = Path(path)
+    data = read_yaml_mapping(path, "config file")
     try:
-        return config_from_dict(data or {}, overrides)
+        return config_from_dict(data, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 

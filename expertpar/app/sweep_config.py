@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 
 # The strict builder, number reader and key setter every config file goes through, so a sweep
 # file's errors read like a job file's.
 from ..config import (Config, ConfigError, build_section, config_to_dict, convert_value,
-                      load_config, set_path)
+                      load_config, read_yaml_mapping, set_path)
 from ..data.catalog import find_dataset_info
 
 KINDS = ("choice", "uniform", "loguniform", "randint")
@@ -126,15 +125,7 @@ class Sweep:
 def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Sweep:
     """Read and check the sweep file ``path``; ``overrides`` (``--set``) apply to the base job."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"sweep file '{path}' is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"sweep file '{path}': top level must be a mapping")
-    data = dict(data)
+    data = read_yaml_mapping(path, "sweep file")
     space, fixed = data.pop("space", None), data.pop("set", None) or {}
     try:
         cfg = build_section(SweepConfig, data)
