@@ -26,7 +26,7 @@ from ..config import Config
 from ..distributed.actors import MoEActors, launch_moe_actors
 from ..distributed.data import build_index_on_ray, train_data_config, train_datasets
 from ..distributed.elastic import (Watcher, actor_count, job_shapes, start_stop_signal,
-                                   worker_shape)
+                                   total, worker_shape)
 from ..distributed.recovery import Recoveries, describe_loss, root_error
 from ..distributed.entry import WorkerPayload, train_worker
 from ..train.checkpoint import latest_checkpoint, read_train_state
@@ -60,7 +60,7 @@ def ray_init(cfg: Config) -> bool:
     else:
         # Logical CPUs: enough for the workers, the expert actors and the Ray Data actors even
         # on a 2-core machine (the OS shares the cores; Ray only counts).
-        need = sum(shape.get("CPU", 0.0) for shape in job_shapes(cfg)) + 2
+        need = total(job_shapes(cfg)).get("CPU", 0.0) + 2
         num_cpus = cfg.distributed.embedded_num_cpus or max(os.cpu_count() or 1, int(need + 0.5))
         mode = os.environ.get("RAY_AUTH_MODE", "token")
         if mode.lower() != "token":

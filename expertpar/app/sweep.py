@@ -39,7 +39,8 @@ from ray.util.placement_group import (PlacementGroup, placement_group_table,
 from ..config import Config, config_to_dict
 from ..data import storage
 from ..distributed.data import build_index_on_ray
-from ..distributed.elastic import Resources, fit_count, free_resources, job_shapes
+from ..distributed.elastic import (Resources, fit_count, free_resources, job_shapes,
+                                   total)
 from ..distributed.wire import sweep_dead
 from .ray_job import ray_init, train_ray
 from .sweep_config import SearchDim, Sweep, describe, load_sweep, trial_config
@@ -125,7 +126,7 @@ def trials_at_once(sweep: Sweep, free: dict[str, Resources]) -> int:
         if seen[key] == 0:
             raise ValueError(
                 f"a trial with {describe(knobs)} does not fit the cluster: it holds "
-                f"{_sum(shapes)} ({cfg.distributed.num_workers} train workers of "
+                f"{_fmt(total(shapes))} ({cfg.distributed.num_workers} train workers of "
                 f"{_fmt(job_shapes(cfg)[0])} with their Ray Data, {cfg.experts.max_actors} "
                 f"expert actors, {cfg.experts.num_routers} router(s)) and {_fmt(SPARE)} stays "
                 f"free for data tasks; free now: "
@@ -146,15 +147,7 @@ def _fits(free: dict[str, Resources], shapes: list[Resources], cap: int) -> int:
 
 
 def _cpus(cfg: Config) -> float:
-    return sum(shape.get("CPU", 0.0) for shape in trial_shapes(cfg))
-
-
-def _sum(shapes: list[Resources]) -> str:
-    total: Resources = {}
-    for shape in shapes:
-        for k, v in shape.items():
-            total[k] = total.get(k, 0.0) + v
-    return _fmt(total)
+    return total(trial_shapes(cfg)).get("CPU", 0.0)
 
 
 def _fmt(resources: Resources) -> str:

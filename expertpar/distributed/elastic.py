@@ -84,6 +84,15 @@ def worker_shapes(cfg: Config) -> list[Resources]:
 DATA_CPUS_PER_WORKER = 1.0
 
 
+def total(shapes: list[Resources]) -> Resources:
+    """The sum of ``shapes``, resource by resource."""
+    out: Resources = {}
+    for shape in shapes:
+        for k, v in shape.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def job_shapes(cfg: Config) -> list[Resources]:
     """Everything one Ray job of ``cfg`` holds while it trains: its train workers, each one's
     Ray Data share, the expert actors at their most (routers' GPU shares in their bundles) and

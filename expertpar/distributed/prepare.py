@@ -20,7 +20,9 @@ class PrepareRows:
                  tokenizer_json: str) -> None:
         from tokenizers import Tokenizer
 
-        from ..data import SampleIndex, local_batch_size, train_transform
+        from ..data import (SampleIndex, local_batch_size, make_batch, train_transform,
+                            worker_indices)
+        self.make_batch, self.worker_indices = make_batch, worker_indices
         self.index = SampleIndex.open(location)  # a memory map; the location carries any limit
         if len(self.index) != n:
             raise ValueError(f"sample index {location}: {len(self.index)} samples in this worker, "
@@ -33,9 +35,6 @@ class PrepareRows:
         self.context_length = cfg.tokenizer.context_length
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from ..data import make_batch, worker_indices
         ids = rows["id"].astype(np.int64)
         steps = self.start + ids // self.local
         slots = ids % self.local
@@ -43,12 +42,12 @@ class PrepareRows:
         parts = []
         for step_run, slot_run in zip(np.split(steps, cuts), np.split(slots, cuts)):
             step = int(step_run[0])
-            mine = worker_indices(self.n, self.batch_size, seed=self.seed, step=step,
+            mine = self.worker_indices(self.n, self.batch_size, seed=self.seed, step=step,
                                   rank=self.rank, world=self.world)
-            parts.append(make_batch(self.index, [mine[j] for j in slot_run.tolist()], step=step,
+            parts.append(self.make_batch(self.index, [mine[j] for j in slot_run.tolist()], step=step,
                                     seed=self.seed, transform=self.transform,
                                     tokenizer=self.tokenizer, context_length=self.context_length))
         return {"step": steps,
-                "images": torch.cat([p.images_BCHW for p in parts]).numpy(),
-                "ids": torch.cat([p.ids_BL for p in parts]).numpy(),
-                "mask": torch.cat([p.mask_BL for p in parts]).numpy()}
+                "images": np.concatenate([p.images_BCHW.numpy() for p in parts]),
+                "ids": np.concatenate([p.ids_BL.numpy() for p in parts]),
+                "mask": np.concatenate([p.mask_BL.numpy() for p in parts])}
