@@ -417,8 +417,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def convert_value(tp: Any, value: Any, path: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (tuples for list fields)."""
+def convert_value(tp: Any, value: Any, path: str, what: str = "config key") -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (tuples for list fields). Errors
+    name ``path`` as ``what``."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -429,69 +430,71 @@ def convert_value(tp: Any, value: Any, path: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return convert_value(arg, value, path)
+                return convert_value(arg, value, path, what)
             except ConfigError as err:
                 errors.append(err)
         raise errors[0] if len(errors) == 1 else ConfigError(
-            f"config key '{path}': {value!r} is not a valid {_type_name(tp)}")
+            f"{what} '{path}': {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"config key '{path}': {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"{what} '{path}': {value!r} is not one of {list(choices)}")
         return value
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{path}': {value!r} is not a list")
-        return tuple(convert_value(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+            raise ConfigError(f"{what} '{path}': {value!r} is not a list")
+        return tuple(convert_value(item_tp, v, f"{path}[{i}]", what) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
-        return build_section(tp, value, path)
+        return build_section(tp, value, path, what)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{path}': {value!r} is not a boolean (true/false)")
+            raise ConfigError(f"{what} '{path}': {value!r} is not a boolean (true/false)")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{path}': {value!r} is not an integer")
+            raise ConfigError(f"{what} '{path}': {value!r} is not an integer")
         return value
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{path}': {value!r} is not a number")
+            raise ConfigError(f"{what} '{path}': {value!r} is not a number")
         if not math.isfinite(value):
-            raise ConfigError(f"config key '{path}': {value!r} is not finite")
+            raise ConfigError(f"{what} '{path}': {value!r} is not finite")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{path}': {value!r} is not a string")
+            raise ConfigError(f"{what} '{path}': {value!r} is not a string")
         return value
     raise TypeError(f"unsupported config annotation {tp!r} at {path}")
 
 
-def build_section(cls: type, data: Any, path: str = "") -> Any:
+def build_section(cls: type, data: Any, path: str = "", what: str = "config key") -> Any:
+    """``cls`` built strictly from the mapping ``data`` at ``path``; every error names the key
+    and value, as ``what`` ("config key", or "sweep key" for a sweep file)."""
     prefix = f"{path}." if path else ""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config key '{path or '<root>'}': expected a mapping, got {data!r}")
+        raise ConfigError(f"{what} '{path or '<root>'}': expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' = {data[unknown[0]]!r} "
+        raise ConfigError(f"unknown {what} '{prefix}{unknown[0]}' = {data[unknown[0]]!r} "
                           f"(known keys under '{path or '<root>'}': {sorted(names)})")
-    kwargs = {k: convert_value(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    kwargs = {k: convert_value(hints[k], v, f"{prefix}{k}", what) for k, v in data.items()}
     for f in dataclasses.fields(cls):  # absent sections are still checked (data.train!)
         if f.name not in kwargs and dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = build_section(hints[f.name], {}, f"{prefix}{f.name}")
+            kwargs[f.name] = build_section(hints[f.name], {}, f"{prefix}{f.name}", what)
     obj = cls(**kwargs)
     for key, message in obj.check():
         value = obj
         for part in key.split("."):
             value = getattr(value, part)
         full = key if "." in key and cls is Config else f"{prefix}{key}"
-        raise ConfigError(f"config key '{full}': {value!r} {message}")
+        raise ConfigError(f"{what} '{full}': {value!r} {message}")
     return obj
 
 

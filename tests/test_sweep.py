@@ -12,7 +12,7 @@ from expertpar.app.sweep_config import load_sweep
 from expertpar.app.sweep_results import (best_job, best_row, ranked, sweep_figure, table,
                                          write_csv)
 from expertpar.config import load_config
-from test_sweep_config import write_sweep
+from sweep_helpers import write_sweep
 
 ACTORS = {"experts.num_actors": 2, "experts.cpus_per_actor": 0.5}
 

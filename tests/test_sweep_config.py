@@ -7,24 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_config
 from expertpar.app.sweep_config import load_sweep
-from expertpar.config import ConfigError, dump_config
+from expertpar.config import ConfigError
+from sweep_helpers import write_sweep
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_sweep(tmp_path: Path, base: dict | None = None, **sweep) -> Path:
-    """A tiny base job (evaluating at every checkpoint) and a sweep over it; ``sweep`` keys
-    replace the defaults here."""
-    cfg = tiny_config(tmp_path / "data", tmp_path / "runs",
-                      **{"train.eval_every": 10, **(base or {})})
-    (tmp_path / "base.yaml").write_text(dump_config(cfg))
-    doc = {"base": "base.yaml", "num_samples": 2, "scheduler": {"grace_period": 10},
-           "space": {"model.moe.top_k": {"choice": [1, 2]}}, **sweep}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))  # the knobs in the order written
-    return path
 
 
 def test_the_example_sweep_searches_the_quickstarts_moe_knobs():
@@ -53,10 +40,15 @@ def test_a_good_sweep_loads_with_its_specs_and_fixed_keys(tmp_path):
 
 
 def test_an_unknown_sweep_key_is_refused_by_name(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key 'num_sample' = 4"):
+    with pytest.raises(ConfigError, match=r"unknown sweep key 'num_sample' = 4"):
         load_sweep(write_sweep(tmp_path, num_sample=4))
-    with pytest.raises(ConfigError, match=r"unknown config key 'scheduler.grace' = 3"):
+    with pytest.raises(ConfigError, match=r"unknown sweep key 'scheduler.grace' = 3"):
         load_sweep(write_sweep(tmp_path, scheduler={"grace": 3}))
+    with pytest.raises(ConfigError, match=r"sweep key 'num_samples': 0 must be >= 1"):
+        load_sweep(write_sweep(tmp_path, num_samples=0))
+    with pytest.raises(ConfigError, match=r"sweep key 'scheduler.grace_period': 'x' is not an "
+                                          r"integer"):
+        load_sweep(write_sweep(tmp_path, scheduler={"grace_period": "x"}))
 
 
 @pytest.mark.parametrize("spec, why", [
@@ -91,6 +83,13 @@ def test_a_space_key_that_is_not_a_config_key_is_refused_by_name(tmp_path, key, 
     with pytest.raises(ConfigError) as err:
         load_sweep(write_sweep(tmp_path, space={key: {"choice": [1, 2]}}))
     assert f"sweep key 'space.{key}': '{key}' {why}" in str(err.value)
+
+
+def test_a_knob_also_given_with_set_is_refused_naming_both(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set model.moe.top_k=2: 'model.moe.top_k' is a "
+                                          r"knob of the sweep \(sweep key 'space.model.moe.top_k'\)"):
+        load_sweep(write_sweep(tmp_path), ["model.moe.top_k=2"])
+    assert load_sweep(write_sweep(tmp_path), ["train.lr=0.01"]).base.train.lr == 0.01
 
 
 def test_a_key_the_sweep_sets_itself_is_not_a_knob(tmp_path):

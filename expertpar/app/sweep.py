@@ -210,7 +210,7 @@ def _domain(dim: SearchDim):
 
 def _tune(sweep: Sweep, out: Path, at_once: int):
     sc, steps = sweep.config, sweep.base.train.steps
-    progress = Progress(sc.metric, steps)
+    releaser = Releaser(steps)
     scheduler = (ASHAScheduler(time_attr="step", max_t=steps,
                                grace_period=sc.scheduler.grace_period,
                                reduction_factor=sc.scheduler.reduction_factor,
@@ -235,20 +235,19 @@ def _tune(sweep: Sweep, out: Path, at_once: int):
             reuse_actors=False, trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
-                                  callbacks=[progress]))
+                                  callbacks=[Progress(sc.metric, steps), releaser]))
     try:
         return tuner.fit()
     finally:
-        progress.finish()
+        releaser.finish()
 
 
 class Progress(tune.Callback):
     """A line per report and per trial's end, through the expertpar logger (Tune's own table
-    stays off: standard output carries the results); and what a stopped trial leaves, freed."""
+    stays off: standard output carries the results)."""
 
     def __init__(self, metric: str, steps: int):
         self.metric, self.steps = metric, steps
-        self.releasing: list[threading.Thread] = []
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         log.info("trial %s: step %d of %d, %s %s", trial.trial_id, result.get("step", 0),
@@ -258,11 +257,24 @@ class Progress(tune.Callback):
         step = (trial.last_result or {}).get("step", 0)
         log.info("trial %s: %s at step %d", trial.trial_id,
                  "stopped early (ASHA)" if step < self.steps else "done", step)
-        if step < self.steps:  # Tune ends its actor now, in the middle of the run
-            self._release(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         log.warning("trial %s failed", trial.trial_id)
+
+
+class Releaser(tune.Callback):
+    """Frees what a trial that ended before its last step left behind (release_trial), in a
+    thread each, so Tune's loop goes on; ``finish`` waits for them."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.releasing: list[threading.Thread] = []
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if (trial.last_result or {}).get("step", 0) < self.steps:  # ASHA stopped it mid-run
+            self._release(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
         self._release(trial.trial_id)
 
     def _release(self, trial_id: str) -> None:

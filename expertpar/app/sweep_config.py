@@ -128,11 +128,12 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
     data = read_yaml_mapping(path, "sweep file")
     space, fixed = data.pop("space", None), data.pop("set", None) or {}
     try:
-        cfg = build_section(SweepConfig, data)
+        cfg = build_section(SweepConfig, data, what="sweep key")
         if not isinstance(fixed, dict):
             raise ConfigError(f"sweep key 'set': {fixed!r} is not a mapping of config keys to "
                               f"values")
         cfg = dataclasses.replace(cfg, set=tuple(fixed.items()), space=_space(space, fixed))
+        _check_overrides(overrides, cfg.space)
         base = _base_job(path, cfg, overrides)
         _check_metric(cfg, base)
         if cfg.scheduler.early_stopping and cfg.scheduler.grace_period > base.train.steps:
@@ -170,7 +171,8 @@ def _space(space: Any, fixed: dict) -> tuple[SearchDim, ...]:
             if not isinstance(values, list) or len(values) != 2:
                 raise ConfigError(f"{where}: {spec!r}: {kind} needs [lo, hi]")
             tp = int if kind == "randint" else float
-            lo, hi = (convert_value(tp, v, f"space.{key}.{kind}[{i}]") for i, v in enumerate(values))
+            lo, hi = (convert_value(tp, v, f"space.{key}.{kind}[{i}]", "sweep key")
+                      for i, v in enumerate(values))
             if not lo < hi:
                 raise ConfigError(f"{where}: {spec!r}: needs lo < hi")
             if kind == "loguniform" and not lo > 0:
@@ -178,6 +180,17 @@ def _space(space: Any, fixed: dict) -> tuple[SearchDim, ...]:
             values = (lo, hi)
         dims.append(SearchDim(key, kind, values))
     return tuple(dims)
+
+
+def _check_overrides(overrides, space: tuple[SearchDim, ...]) -> None:
+    """A ``--set`` of a knob would be replaced by every trial's sample: refused, not ignored."""
+    knobs = {d.key for d in space}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in knobs:
+            raise ConfigError(f"--set {item}: '{key}' is a knob of the sweep (sweep key "
+                              f"'space.{key}'); every trial sets its own value, so a fixed one "
+                              f"would be ignored; drop it from --set or from the space")
 
 
 def _number(value: Any) -> Any:

@@ -1,9 +1,10 @@
 """`expertpar sweep` end to end on a local Ray: two tiny trials, each a whole Ray run (expert
-actors, router, Ray Train) reporting to Tune, run at once and leave the table, the best job and
+actors, router, Ray Train) reporting to Tune, run at once (checked) and leave the table, the best job and
 the plot; and what a trial stopped in the middle of its run leaves is freed."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import ray
@@ -17,6 +18,7 @@ from conftest import tiny_config
 from expertpar.app.cli import main
 from expertpar.app.sweep import release_trial
 from expertpar.config import dump_config, load_config
+from expertpar.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +51,9 @@ def test_a_sweep_of_two_ray_trials_writes_its_table_best_job_and_plot(ray_local,
         assert ran.model.moe.top_k == int(row["model.moe.top_k"]) in (1, 2)
         assert ran.model.moe.temperature == pytest.approx(float(row["model.moe.temperature"]))
         assert 0.5 <= ran.model.moe.temperature <= 2.0
+    # At once: each trial took its first step before the other wrote its last line.
+    spans = [_training_span(out / "trials" / row["trial"]) for row in rows]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split()[:4] == ["trial", "top_k", "temperature", "zero_shot/top1"]
     assert {line.split()[0] for line in printed[1:]} == {r["trial"] for r in rows}
@@ -63,6 +68,12 @@ def test_a_sweep_of_two_ray_trials_writes_its_table_best_job_and_plot(ray_local,
         img.verify()
         assert img.format == "PNG"
 
+
+
+def _training_span(run: Path) -> tuple[float, float]:
+    """When the run took its first step (its own record) and last wrote its metrics."""
+    first = next(r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "first_step")
+    return first["time/unix"], (run / "metrics.jsonl").stat().st_mtime
 
 
 def test_the_group_a_trial_ended_mid_run_left_is_freed_and_no_other_trials(ray_local):
