@@ -25,17 +25,16 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from PIL import Image
 
-from ..data import SampleIndex, decode_image, is_remote, make_transform
-from ..eval.embed import embed_dataset, embed_texts
+from ..data import SampleIndex, decode_image, is_remote
 from ..eval.retrieval import top_captions
-from ..eval.zeroshot import class_embeddings, confusion_matrix
+from ..eval.run import embed_classes, embed_split
+from ..eval.zeroshot import confusion_matrix
 from ..train.checkpoint import CheckpointError
 from . import report_figures as figures
 from .evaluate import load_run_config, load_run_model
@@ -183,9 +182,8 @@ def evaluate_held_out(run_dir: Path, data: str | None, n_examples: int) -> HeldO
     index = SampleIndex.build(source, max_samples=cfg.data.max_eval_samples)
     if not len(index):
         raise Skip(f"the held-out split {source} has no sample")
-    cpu, ctx, bs = torch.device("cpu"), cfg.tokenizer.context_length, cfg.eval.batch_size
-    emb = embed_dataset(model, index, tokenizer, make_transform(cfg.data.image_size, train=False),
-                        context_length=ctx, batch_size=bs, device=cpu)
+    cpu = torch.device("cpu")
+    emb = embed_split(model, index, tokenizer, cfg, cpu)
     info, classes, counts, no_confusion = index.info, (), None, ""
     if info is None or not info.classes:
         no_confusion = f"the held-out split {source} has no dataset.json naming its classes"
@@ -193,9 +191,7 @@ def evaluate_held_out(run_dir: Path, data: str | None, n_examples: int) -> HeldO
         no_confusion = f"no held-out image of {source} has a label"
     else:
         classes = info.classes
-        embed = partial(embed_texts, model, tokenizer, context_length=ctx, batch_size=bs,
-                        device=cpu)
-        class_CE = class_embeddings(embed, classes, info.templates or ("{}",))
+        class_CE = embed_classes(model, tokenizer, cfg, info, cpu)
         counts = confusion_matrix(emb.image_NE, emb.labels_N, class_CE).tolist()
     n = min(n_examples, len(index))
     queries = [i * len(index) // n for i in range(n)]  # spread over the split, deterministic

@@ -14,17 +14,28 @@ from .zeroshot import class_embeddings, zero_shot_accuracy
 
 def evaluate(model, ds: SampleIndex, tokenizer, cfg: Config, *,
              info: DatasetInfo | None, device: torch.device) -> dict[str, float]:
-    transform = make_transform(cfg.data.image_size, train=False)
-    emb = embed_dataset(model, ds, tokenizer, transform, context_length=cfg.tokenizer.context_length,
-                        batch_size=cfg.eval.batch_size, device=device)
+    emb = embed_split(model, ds, tokenizer, cfg, device)
     out: dict[str, float] = {"eval/samples": len(ds)}
     out.update(recall_at_k(emb.image_NE, emb.text_NE, emb.captions, cfg.eval.recall_at))
     if info is not None and info.classes:
-        embed = partial(embed_texts, model, tokenizer, context_length=cfg.tokenizer.context_length,
-                        batch_size=cfg.eval.batch_size, device=device)
-        class_CE = class_embeddings(embed, info.classes, info.templates or ("{}",))
+        class_CE = embed_classes(model, tokenizer, cfg, info, device)
         out.update(zero_shot_accuracy(emb.image_NE, emb.labels_N, class_CE,
                                       cfg.eval.zero_shot_top))
     for L, stats in sorted(emb.stats.items()):
         out.update(stats.summary(f"eval/moe{L}"))
     return out
+
+
+def embed_split(model, ds: SampleIndex, tokenizer, cfg: Config, device: torch.device):
+    """Every image and caption of ``ds``, embedded as evaluation sees them."""
+    return embed_dataset(model, ds, tokenizer, make_transform(cfg.data.image_size, train=False),
+                         context_length=cfg.tokenizer.context_length,
+                         batch_size=cfg.eval.batch_size, device=device)
+
+
+def embed_classes(model, tokenizer, cfg: Config, info: DatasetInfo,
+                  device: torch.device) -> torch.Tensor:
+    """One embedding per class of ``info``: its prompts (templates) embedded and averaged."""
+    embed = partial(embed_texts, model, tokenizer, context_length=cfg.tokenizer.context_length,
+                    batch_size=cfg.eval.batch_size, device=device)
+    return class_embeddings(embed, info.classes, info.templates or ("{}",))
