@@ -46,7 +46,7 @@ class ExpertActor:
         self.precision = moe.expert_precision
         self.experts: dict[Shard, FFN] = {}
         for layer, expert in shards:
-            ffn = FFN(dim, moe.expert_hidden)
+            ffn = FFN(dim, moe.expert_hidden, moe.activation)
             init_expert_(ffn, expert_seed(seed, layer, expert))
             self.experts[(layer, expert)] = ffn.to(self.device)
         self.owner = ParameterOwner([e for (L, x), ffn in self.experts.items()
