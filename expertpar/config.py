@@ -79,6 +79,7 @@ class MoEConfig:
     top_k: int = 1  # experts chosen per token (1: Switch, 2: GShard); token_choice only
     every: int = 2  # every n-th FFN (counting from the n-th) is a sparse MoE layer
     expert_hidden: int = 128  # F of each expert FFN
+    activation: Literal["gelu", "relu", "silu"] = "gelu"  # the expert FFNs' nonlinearity (and the dense variant's FFNs where MoE layers would be)
     temperature: float = 1.0  # alpha in softmax(alpha * logits)
     noise_std: float = 0.0  # std of Gaussian noise added to gate logits while training
     renormalize: bool = True  # top-k weights sum to 1 (only for top_k > 1; top-1 keeps p)

@@ -123,6 +123,8 @@ def test_int_refused_for_bool_field():
 def test_literal_choices():
     msg = error_of({"model": {"moe": {"drop_policy": "random"}}})
     assert "'model.moe.drop_policy'" in msg and "'random'" in msg and "probability" in msg
+    msg = error_of({"model": {"moe": {"activation": "tanh"}}})
+    assert "'model.moe.activation'" in msg and "'tanh'" in msg and "silu" in msg
 
 
 def test_optional_int_accepts_null_and_rejects_bool():

@@ -1,7 +1,8 @@
 """The package's layers, kept by a test: who may import whom, one import style, one logger.
 
-config <- data, moe <- model <- eval <- train <- distributed <- app. Model, MoE, data and eval
-code never imports Ray or distributed/; train/ never imports distributed/ (the Ray runtime plugs
+config <- data, moe <- model <- eval <- train <- distributed <- app, and beside them the drop-in
+sparse_moe (config, moe; distributed/ only for experts on Ray). Model, MoE, data and eval code
+never imports Ray or distributed/; train/ never imports distributed/ (the Ray runtime plugs
 into the one loop from above); nothing but app/ (and ``python -m expertpar``) imports app/.
 """
 from __future__ import annotations
@@ -23,9 +24,11 @@ ALLOWED = {  # subpackage -> the subpackages it may import
     "distributed": {"config", "data", "moe", "model", "eval", "train"},
     "app": {"config", "data", "moe", "model", "eval", "train", "distributed"},
     "__main__": {"app"},
-    "__init__": set(),
+    # the drop-in layer: the MoE layer in process, expert actors (distributed/) on Ray
+    "sparse_moe": {"config", "moe", "distributed"},
+    "__init__": {"sparse_moe"},  # lazily, on first use
 }
-NO_RAY = {"config", "data", "moe", "model", "eval", "train"}
+NO_RAY = {"config", "data", "moe", "model", "eval", "train", "sparse_moe"}
 
 
 def _unit(path: Path, root: Path) -> str:

@@ -78,3 +78,25 @@ def test_the_token_an_embedded_ray_makes_is_this_users_alone(synth_dir, tmp_path
     token = Path.home() / ".ray" / "auth_token"
     dir_mode, file_mode = (stat.S_IMODE(p.stat().st_mode) for p in (token.parent, token))
     assert not dir_mode & 0o077 and not file_mode & 0o077, (oct(dir_mode), oct(file_mode))
+
+
+def test_a_drop_in_layers_embedded_ray_keeps_the_same_defaults(captured, monkeypatch):
+    """SparseMoE(ray=RayExperts(...)) in a process without Ray starts one through
+    distributed/standalone.py: token authentication, a private token, no dashboard."""
+    from expertpar.distributed.standalone import start_ray
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ValueError, match="RAY_AUTH_MODE"):
+        start_ray(None, 3)
+    assert captured == []
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    old = os.umask(0o022)
+    try:
+        assert start_ray(None, 3)
+    finally:
+        os.umask(old)
+    (kwargs,) = captured
+    assert kwargs["address"] == "local" and kwargs["include_dashboard"] is False
+    assert kwargs["num_cpus"] >= 3
+    token = Path.home() / ".ray" / "auth_token"
+    assert not stat.S_IMODE(token.stat().st_mode) & 0o077
+    assert not stat.S_IMODE(token.parent.stat().st_mode) & 0o077

@@ -28,6 +28,7 @@ from ..distributed.data import build_index_on_ray, train_data_config, train_data
 from ..distributed.elastic import (Watcher, actor_count, job_shapes, start_stop_signal,
                                    total, worker_shape)
 from ..distributed.recovery import Recoveries, describe_loss, root_error
+from ..distributed.ray_start import check_token_auth, private_ray_dir
 from ..distributed.entry import WorkerPayload, train_worker
 from ..train.checkpoint import latest_checkpoint, read_train_state
 from ..train.loop import TrainResult, nothing_to_do
@@ -62,12 +63,7 @@ def ray_init(cfg: Config) -> bool:
         # on a 2-core machine (the OS shares the cores; Ray only counts).
         need = total(job_shapes(cfg)).get("CPU", 0.0) + 2
         num_cpus = cfg.distributed.embedded_num_cpus or max(os.cpu_count() or 1, int(need + 0.5))
-        mode = os.environ.get("RAY_AUTH_MODE", "token")
-        if mode.lower() != "token":
-            raise ValueError(f"RAY_AUTH_MODE={mode}: an embedded Ray would run without token "
-                             f"authentication, and Ray's own ports (GCS, raylet, object "
-                             f"manager) listen on every interface; unset RAY_AUTH_MODE or set "
-                             f"it to token")
+        check_token_auth()
         private_ray_dir()
         # The dashboard serves the state API that Ray Train's clean-up polls; it listens on
         # 127.0.0.1 only.
@@ -130,17 +126,6 @@ def forwarded_environment(attached: bool = True) -> dict[str, str]:
                     "logs): %s; give the nodes their own credentials (an instance role, or these "
                     "variables in the environment of `ray start`)", ", ".join(withheld))
     return {k: v for k, v in env.items() if k not in withheld}
-
-
-def private_ray_dir() -> None:
-    """Ray 2.60 writes the token it makes for a local cluster to ~/.ray/auth_token with the
-    umask's mode (0644, in a 0755 ~/.ray): keep both to this user."""
-    ray_dir = Path.home() / ".ray"
-    ray_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ray_dir.chmod(0o700)
-    token = ray_dir / "auth_token"
-    if token.exists():
-        token.chmod(0o600)
 
 
 def scaling(cfg: Config) -> dict:

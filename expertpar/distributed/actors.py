@@ -152,13 +152,10 @@ def launch_moe_actors(cfg: Config, checkpoint: str | None = None, *,
                            f", experts.router_gpus) within {timeout_s:.0f}s; resources: "
                            f"{ray.cluster_resources()}")
     actor_cls = ray.remote(ExpertActor)
-    # Ray 2.60 shows every GPU of a node to an actor that asked for none; a CPU expert actor
-    # (or router) on a GPU node must not initialise CUDA there (it would take memory on GPU 0).
     gpus_in_cluster = bool(ray.cluster_resources().get("GPU", 0))
 
     def hidden_gpus(gpus: float) -> dict:
-        return ({"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
-                if not gpus and gpus_in_cluster else {})
+        return hide_gpus(gpus, gpus_in_cluster)
     actors = []
     for a, host in enumerate(hosts):
         actors.append(actor_cls.options(
@@ -192,6 +189,14 @@ def launch_moe_actors(cfg: Config, checkpoint: str | None = None, *,
     if R > 1:  # queued first: router 0 steps the others
         moe._starting = [routers[0].set_routers.remote(routers[1:])]
     return moe
+
+
+def hide_gpus(gpus: float, gpus_in_cluster: bool) -> dict:
+    """Actor options for an actor asking ``gpus``: Ray 2.60 shows every GPU of a node to an
+    actor that asked for none, and a CPU expert actor (or router) on a GPU node must not
+    initialise CUDA there (it would take memory on GPU 0)."""
+    return ({"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+            if not gpus and gpus_in_cluster else {})
 
 
 def actor_threads(infos: list[dict], fixed: int | None) -> list[int]:

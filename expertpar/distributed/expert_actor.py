@@ -46,7 +46,7 @@ class ExpertActor:
         self.precision = moe.expert_precision
         self.experts: dict[Shard, FFN] = {}
         for layer, expert in shards:
-            ffn = FFN(dim, moe.expert_hidden)
+            ffn = FFN(dim, moe.expert_hidden, moe.activation)
             init_expert_(ffn, expert_seed(seed, layer, expert))
             self.experts[(layer, expert)] = ffn.to(self.device)
         self.owner = ParameterOwner([e for (L, x), ffn in self.experts.items()
@@ -144,6 +144,26 @@ class ExpertActor:
         with self.lock:
             self.owner.step(lr, clip_coef)
             self.cache.clear()  # activations of an abandoned call never outlive a step
+
+    def step_as(self, lr: float, betas: tuple[float, float], eps: float,
+                weight_decay: float) -> None:
+        """A drop-in layer's step (sparse_moe.py): AdamW with the hyperparameters of the
+        user's optimizer group that holds the layer's gate, weight decay on every expert
+        parameter as torch's AdamW decays a group (the trainer's ``step`` decays matrices
+        only, with the run's betas)."""
+        with self.lock:
+            for group in self.owner.optimizer.param_groups:
+                group.update(betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+            self.owner.step(lr, 1.0)
+            self.cache.clear()
+
+    def load(self, shards: dict[str, dict[str, torch.Tensor]], where: str) -> None:
+        """Parameters of this actor's experts from ``shards`` (checkpoint layout), optimizer
+        state untouched: a drop-in layer's ``load_state_dict``."""
+        with self.lock:
+            self.owner.load({f: {k: t.to(self.device) for k, t in tensors.items()}
+                             for f, tensors in shards.items()}, where=where,
+                            optimizer_state=False)
 
     def zero_grad(self) -> None:
         with self.lock:

@@ -41,6 +41,14 @@ def dense_ffn_hidden(cfg: ModelConfig, depth_index: int) -> int:
     return cfg.ffn_hidden
 
 
+def dense_ffn_activation(cfg: ModelConfig, depth_index: int) -> str:
+    """The nonlinearity of a dense FFN at block ``depth_index``: GELU, except where the dense
+    variant stands in for a MoE layer, which has the experts' (``model.moe.activation``)."""
+    if cfg.variant == "dense" and (depth_index + 1) % cfg.moe.every == 0:
+        return cfg.moe.activation
+    return "gelu"
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig, *, image_size: int, vocab_size: int,
                  context_length: int, backend: MoEBackend | None = None, seed: int = 0):
@@ -79,8 +87,8 @@ class VisionLanguageModel(nn.Module):
                 self.num_moe_layers += 1
                 blocks.append(Block(cfg.dim, cfg.heads, ffn, is_moe=True))
             else:
-                blocks.append(Block(cfg.dim, cfg.heads, FFN(cfg.dim, dense_ffn_hidden(cfg, i)),
-                                    is_moe=False))
+                ffn = FFN(cfg.dim, dense_ffn_hidden(cfg, i), dense_ffn_activation(cfg, i))
+                blocks.append(Block(cfg.dim, cfg.heads, ffn, is_moe=False))
         return nn.ModuleList(blocks)
 
     def moe_layers(self) -> list[tuple[str, nn.Module]]:

@@ -14,17 +14,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class FFN(nn.Module):
-    """D -> F -> D with GELU: a dense block's FFN, and each expert (same shape, so a MoE layer
-    can replace a dense one at equal active parameters)."""
+# The FFNs' nonlinearities by name (model.moe.activation; the dense blocks use GELU).
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
-    def __init__(self, dim: int, hidden: int):
+
+class FFN(nn.Module):
+    """D -> F -> D with GELU (or ``activation``): a dense block's FFN, and each expert (same
+    shape, so a MoE layer can replace a dense one at equal active parameters)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu"):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"FFN: activation {activation!r} is not one of "
+                             f"{sorted(ACTIVATIONS)}")
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x_ND)))
+        return self.fc2(self.act(self.fc1(x_ND)))
 
 
 def init_expert_(expert: FFN, seed: int) -> None:
@@ -57,9 +66,10 @@ class ExpertBackend(nn.Module):
 class LocalExperts(ExpertBackend):
     """The in-process reference: a readable loop over experts."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, precision: str = "float32"):
+    def __init__(self, num_experts: int, dim: int, hidden: int, precision: str = "float32",
+                 activation: str = "gelu"):
         super().__init__()
-        self.experts = nn.ModuleList(FFN(dim, hidden) for _ in range(num_experts))
+        self.experts = nn.ModuleList(FFN(dim, hidden, activation) for _ in range(num_experts))
         self.precision = precision
 
     def forward(self, x_AD: torch.Tensor, counts_E: tuple[int, ...]) -> torch.Tensor:

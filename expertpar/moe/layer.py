@@ -62,7 +62,7 @@ class MoELayer(nn.Module):
             self.gate.w_ED.copy_(torch.randn(self.gate.w_ED.shape, generator=gen) * 0.02)
         if experts is None:
             experts = LocalExperts(cfg.num_experts, dim, cfg.expert_hidden,
-                                   cfg.expert_precision)
+                                   cfg.expert_precision, cfg.activation)
             for e, expert in enumerate(experts.experts):
                 init_expert_(expert, expert_seed(seed, layer_index, e))
         self.experts = experts

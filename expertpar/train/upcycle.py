@@ -63,7 +63,8 @@ SET_BY_COMMAND = {"model.variant": "the upcycled run is always 'moe'",
 # Keys whose value the copied parameters (and the copied tokenizer) were made for.
 COPIED_KEYS = ("model.towers", "model.stem", "model.patch_size", "model.dim", "model.depth",
                "model.heads", "model.embed_dim", "model.init_temperature", "tokenizer.path",
-               "tokenizer.vocab_size", "tokenizer.context_length", "data.image_size")
+               "tokenizer.vocab_size", "tokenizer.context_length", "data.image_size",
+               "model.moe.activation")
 
 
 class UpcycleError(ValueError):

@@ -276,3 +276,64 @@ def test_a_skipped_step_changes_no_gate_or_expert_and_the_next_step_runs(ray_loc
         assert changed  # and it did step
     finally:
         moe.shutdown()
+
+
+def test_the_drop_in_layer_on_expert_actors_trains_as_in_process(ray_local):
+    """``SparseMoE(..., ray=RayExperts(num_actors=2))`` against the same layer in process,
+    inside a user's model trained by a plain torch AdamW loop: the same outputs, auxiliary
+    loss and statistics, the same losses step by step (the actors step when the optimizer
+    holding the gate does, with its hyperparameters), the same state_dict, which also loads
+    back into the actors. The MoE reads the raw input (no gradient), so the experts' gradients
+    must not depend on one; the activation is not the default, so the actors' FFN is checked."""
+    from expertpar import RayExperts, SparseMoE
+
+    class Net(torch.nn.Module):
+        def __init__(self, ray_experts=None):
+            super().__init__()
+            self.moe = SparseMoE(4, 16, "silu", dim=8, top_k=2, noise_std=0.1,
+                                 capacity_factor=1.0, seed=3, ray=ray_experts)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(x + self.moe(x)).mean(dim=1)
+
+    torch.manual_seed(0)
+    here = Net()
+    torch.manual_seed(0)  # the layer leaves torch's generator as in process: same head
+    there = Net(RayExperts(num_actors=2))
+    actors = list(there.moe._experts.actors)
+    try:
+        assert len(list(there.parameters())) == 3  # the gate and the head; experts are there
+        x, labels = torch.randn(16, 4, 8), torch.randint(0, 3, (16,))
+        opts = [torch.optim.AdamW(m.parameters(), lr=0.01) for m in (here, there)]
+        for step in range(3):
+            losses = []
+            for model, opt in zip((here, there), opts):
+                loss = torch.nn.functional.cross_entropy(model(x), labels) + model.moe.aux_loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-7), step
+            a, b = here.moe, there.moe
+            assert rel_err(b.aux_loss, a.aux_loss) <= 1e-5
+            assert b.stats.tokens_per_expert.tolist() == a.stats.tokens_per_expert.tolist()
+            assert b.stats.drop_rate == a.stats.drop_rate > 0  # capacity 1.0 of top-2 drops
+        want, got = here.state_dict(), there.state_dict()
+        assert list(got) == list(want)  # the experts' weights under the in-process names
+        assert max(rel_err(got[k], want[k]) for k in want) <= 1e-5
+        here.eval(), there.eval()
+        with torch.no_grad():
+            assert rel_err(there(x), here(x)) <= 1e-5
+            fresh = Net()  # new weights everywhere, loaded into the actors
+            there.load_state_dict(fresh.state_dict())
+            assert rel_err(there(x), fresh.eval()(x)) <= 1e-5
+        sgd = torch.optim.SGD(there.parameters(), lr=0.1)
+        with pytest.raises(TypeError, match="SGD"):
+            sgd.step()  # the experts would be trained by another rule: refused, named
+    finally:
+        there.moe.close()
+    with pytest.raises(ray.exceptions.RayActorError):  # the actors are gone
+        ray.get(actors[0].info.remote(), timeout=30)
+    with pytest.raises(RuntimeError, match="close"):
+        there(x)

@@ -164,6 +164,17 @@ def test_dense_ffn_at_moe_positions_has_top_k_times_expert_hidden_units(towers):
                 assert all(e.fc1.out_features == 48 for e in b.ffn.experts.experts)
 
 
+def test_the_moe_activation_reaches_the_experts_and_the_dense_variants_stand_ins():
+    # model.moe.activation: every expert, and the dense variant's FFN where the MoE layer
+    # would be (its equal-compute counterpart); every other dense FFN keeps GELU.
+    moe = make_model(make_cfg(depth=2, **{"moe.activation": "relu"}))
+    dense = make_model(make_cfg(depth=2, variant="dense", **{"moe.activation": "relu"}))
+    blocks = list(moe.towers["shared"])
+    assert [e.activation for e in blocks[1].ffn.experts.experts] == ["relu"] * 4
+    assert blocks[0].ffn.activation == "gelu"
+    assert [b.ffn.activation for b in dense.towers["shared"]] == ["gelu", "relu"]
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_count_params_moe_and_dense(top_k):
     # dim D = 32, depth 2, every 2 -> block 1 is the only MoE position; E = 4, F = 48.

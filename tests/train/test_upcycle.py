@@ -136,6 +136,15 @@ def test_two_towers_and_the_cnn_stems_statistics_are_copied(synth_dir, tmp_path,
         torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
 
 
+def test_the_experts_keep_the_activation_the_dense_ffns_were_trained_with(synth_dir, tmp_path):
+    dense_cfg = tiny_config(synth_dir, tmp_path, **DENSE, **{"model.moe.activation": "silu"})
+    cfg = upcycled_config(dense_cfg, tmp_path / "up", experts=2)
+    assert cfg.model.moe.activation == "silu"  # inherited: the copies compute what they did
+    with pytest.raises(UpcycleError, match=r"model.moe.activation='relu' conflicts .*'silu'"):
+        upcycled_config(dense_cfg, tmp_path / "up", experts=2,
+                        overrides=["model.moe.activation=relu"])
+
+
 def test_top1_of_several_experts_does_not_start_as_the_dense_model_and_says_so(
         dense_run, batch, tmp_path, caplog):
     out = tmp_path / "up"
