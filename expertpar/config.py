@@ -90,8 +90,11 @@ class MoEConfig:
     batch_prioritized_images: bool = False  # V-MoE BPR: text first, image tokens by top-1 probability
     load_balance_weight: float = 0.01  # Switch load-balancing loss weight
     z_loss_weight: float = 0.001  # ST-MoE router z-loss weight
-    local_entropy_weight: float = 0.0  # LIMoE, per modality; pushes each token to be decisive
-    global_entropy_weight: float = 0.0  # LIMoE, per modality; pushes experts to be used evenly
+    # LIMoE's entropy losses, per modality. Without them the gates stay flat (mean entropy ~ln E:
+    # top-1 rests on tiny logit gaps and each output is scaled by p ~ 1/E); local at 0.05 with
+    # global at twice it gives decisive gates with balanced experts (README, "Routers that decide")
+    local_entropy_weight: float = 0.05  # pushes each token to be decisive
+    global_entropy_weight: float = 0.10  # pushes experts to be used evenly
     # the expert FFNs' matmuls: float32, or bfloat16 under autocast (weights, gradients and
     # optimizer state stay float32; the gate and routing always run in float32)
     expert_precision: Literal["float32", "bfloat16"] = "float32"

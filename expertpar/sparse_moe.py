@@ -122,8 +122,8 @@ class SparseMoE(nn.Module):
                  dropless: bool = False, routing: str = "token_choice",
                  renormalize: bool = True, noise_std: float = 0.0,
                  drop_policy: str = "probability", load_balance_weight: float = 0.01,
-                 z_loss_weight: float = 0.001, local_entropy_weight: float = 0.0,
-                 global_entropy_weight: float = 0.0, expert_precision: str = "float32",
+                 z_loss_weight: float = 0.001, local_entropy_weight: float = 0.05,
+                 global_entropy_weight: float = 0.10, expert_precision: str = "float32",
                  seed: Optional[int] = None, ray: Optional[RayExperts] = None):
         super().__init__()
         # The arguments that are MoEConfig's (all but dim, seed and ray), by name.

@@ -134,8 +134,11 @@ def test_aux_loss_and_statistics_by_hand():
     assert float(moe.aux["load_balance"]) == pytest.approx(1.0, rel=1e-6)
     assert float(moe.aux["z_loss"]) == pytest.approx(z, rel=1e-6)
     assert float(moe.aux["local_entropy"]) == pytest.approx(entropy, rel=1e-5)
-    # The default weights: 0.01 load balance + 0.001 z-loss (the entropy terms weigh 0).
-    assert moe.aux_loss.item() == pytest.approx(0.01 * 1.0 + 0.001 * z, rel=1e-6)
+    # Global: minus the entropy of the mean gate probabilities, (1/2, 1/2): -ln 2.
+    assert float(moe.aux["global_entropy"]) == pytest.approx(-math.log(2), rel=1e-5)
+    # The default weights: 0.01 load balance, 0.001 z-loss, 0.05 local and 0.10 global.
+    assert moe.aux_loss.item() == pytest.approx(
+        0.01 * 1.0 + 0.001 * z + 0.05 * entropy - 0.10 * math.log(2), rel=1e-5)
 
 
 def test_the_aux_loss_is_differentiable_and_every_parameter_trains():

@@ -228,7 +228,8 @@ def test_aux_terms_under_expert_choice_have_no_load_balance():
 
 
 def test_layer_aux_loss_and_logged_terms_under_expert_choice():
-    cfg = cfg3(load_balance_weight=1.0, z_loss_weight=0.5)
+    cfg = cfg3(load_balance_weight=1.0, z_loss_weight=0.5, local_entropy_weight=0.0,
+               global_entropy_weight=0.0)  # z only: the entropy terms are off
     layer = MoELayer(3, cfg, 0)
     constant_experts_(layer, [[1.0, 0.0, 0.0]] * 3)  # identity gate: logits = x
     out = layer(logp(P3) + 1.0, MOD3)

@@ -231,7 +231,7 @@ def test_each_term_alone_sends_gradient_to_gate(name):
     total.backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
     # and with every weight zero there is no gradient signal at all
-    cfg0 = MoEConfig(num_experts=2, dropless=True, load_balance_weight=0.0, z_loss_weight=0.0)
+    cfg0 = MoEConfig(num_experts=2, dropless=True, **{k: 0.0 for k in kw})
     w0 = w.detach().clone().requires_grad_(True)
     routing0, mod0 = _three_token_routing(cfg0, w0)
     total0, _ = aux_losses(routing0, mod0, cfg0)
