@@ -79,10 +79,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="held-out images whose retrieved captions are shown (default 6)")
 
     u = sub.add_parser("upcycle", help="a MoE run whose experts start as copies of a dense "
-                       "run's FFNs (sparse upcycling)")
-    u.add_argument("dense_run", help="run directory of a dense run (model.variant: dense)")
-    u.add_argument("--experts", type=int, required=True, metavar="E",
-                   help="experts per MoE layer, each a copy of the dense FFN at that layer")
+                       "run's FFNs (sparse upcycling), or as the FFNs of several dense runs "
+                       "trained apart (branch-train-mix)")
+    u.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directory of a dense run (model.variant: dense); with 2 or more, "
+                        "BTX: expert i is run i's FFN, every other weight the runs' mean")
+    u.add_argument("--experts", type=int, default=None, metavar="E",
+                   help="experts per MoE layer, each a copy of the dense FFN at that layer "
+                        "(required with one run; with N runs it is N, one per run)")
     u.add_argument("--out", required=True, metavar="DIR",
                    help="the new run directory (must not exist, or be empty)")
     u.add_argument("--top-k", type=int, default=None, metavar="K",
@@ -168,9 +172,14 @@ def _report(args) -> int:
 
 
 def _upcycle(args) -> int:
-    from ..train.upcycle import upcycle
+    from ..train.upcycle import UpcycleError, upcycle
 
-    up = upcycle(Path(args.dense_run), Path(args.out), experts=args.experts, top_k=args.top_k,
+    if len(args.runs) > 1:
+        return _btx(args)
+    if args.experts is None:
+        raise UpcycleError("--experts is required with one dense run (the experts per MoE "
+                           "layer, each a copy of its FFN); with several runs it is their number")
+    up = upcycle(Path(args.runs[0]), Path(args.out), experts=args.experts, top_k=args.top_k,
                  overrides=args.overrides)
     m = up.config.model
     n = len(up.moe_layers)
@@ -179,6 +188,25 @@ def _upcycle(args) -> int:
              "%d; fresh AdamW state, from step 0", up.source, up.source_step, up.run_dir, n,
              "" if n == 1 else "s", ", ".join(up.moe_layers), m.moe.num_experts, m.moe.top_k,
              m.moe.expert_hidden, up.config.run.seed)
+    log.info("train it: expertpar train %s", Path(args.out) / "config.yaml")
+    return 0
+
+
+def _btx(args) -> int:
+    from ..train.btx import branch_train_mix
+
+    mix = branch_train_mix([Path(r) for r in args.runs], Path(args.out), experts=args.experts,
+                           top_k=args.top_k, overrides=args.overrides)
+    m = mix.config.model
+    n = len(mix.moe_layers)
+    log.info("mixed %d dense runs into %s (BTX): %d MoE layer%s (%s) of %d experts, top-%d, "
+             "expert i the FFN of run i (%d units); every other weight the runs' mean; gates "
+             "initialised with run.seed %d; fresh AdamW state, from step 0; the config is %s's",
+             len(mix.branches), mix.run_dir, n, "" if n == 1 else "s", ", ".join(mix.moe_layers),
+             m.moe.num_experts, m.moe.top_k, m.moe.expert_hidden, mix.config.run.seed,
+             mix.branches[0].run)
+    for i, b in enumerate(mix.branches):
+        log.info("  expert %d: %s (step %d)", i, b.checkpoint, b.step)
     log.info("train it: expertpar train %s", Path(args.out) / "config.yaml")
     return 0
 

@@ -30,6 +30,9 @@ as a token's expert weights sum to 1 and no token is dropped: top-k >= 2 with
 (``model.moe.dropless``). Top-1 routing of E > 1 experts weights the copy by its gate
 probability (about 1/E at the start), and Expert Choice may give a token no expert or several:
 both start elsewhere, and ``upcycle`` warns.
+
+``btx.py`` builds on this module: several dense runs, one expert each, the rest averaged
+(``mix_into_experts``).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tokenizers import Tokenizer
@@ -86,30 +90,47 @@ def upcycle(dense_run: Path, out: Path, *, experts: int, top_k: int | None = Non
     """Write a new MoE run at ``out`` from the dense run ``dense_run`` (see the module doc).
     Nothing is written unless everything checks; ``out`` appears whole or not at all."""
     dense_run, out = Path(dense_run), Path(out)
-    _check_out(out)
-    ckpt, dense_cfg, tokenizer_json = _read_dense_run(dense_run)
+    check_out_dir(out)
+    ckpt, dense_cfg, tokenizer_json = read_dense_run(dense_run)
     cfg = upcycled_config(dense_cfg, out, experts=experts, top_k=top_k, overrides=overrides)
     _warn_if_not_exact(cfg)
 
     vocab = vocab_size(Tokenizer.from_str(tokenizer_json))
-    dense = build_model(dense_cfg, vocab)
-    try:
-        dense_owner(dense, dense_cfg).load(read_shards(ckpt, verified=True), where=str(ckpt),
-                                           optimizer_state=False)
-    except CheckpointError as err:
-        raise UpcycleError(f"dense run '{dense_run}': {err}") from None
+    dense = load_dense_model(dense_run, ckpt, dense_cfg, vocab)
     moe = build_model(cfg, vocab)  # gates (and experts, overwritten below) seeded as a MoE run
     moe_layers = copy_into_experts(dense, moe)
 
     step = read_train_state(ckpt)["step"]
+    origin = {"method": "upcycle", "checkpoint": str(ckpt.resolve()), "step": step,
+              "moe_layers": moe_layers, "experts": cfg.model.moe.num_experts,
+              "top_k": cfg.model.moe.top_k}
+    written = write_new_run(out, cfg, moe, tokenizer_json, origin)
+    return Upcycled(out, written, cfg, ckpt, step, moe_layers)
+
+
+def load_dense_model(run: Path, ckpt: Path, cfg: Config, vocab: int) -> torch.nn.Module:
+    """The dense model of ``cfg`` with the weights and buffers of the checkpoint ``ckpt`` (read
+    verified: every file against the manifest's checksums)."""
+    dense = build_model(cfg, vocab)
+    try:
+        dense_owner(dense, cfg).load(read_shards(ckpt, verified=True), where=str(ckpt),
+                                     optimizer_state=False)
+    except CheckpointError as err:
+        raise UpcycleError(f"dense run '{run}': {err}") from None
+    return dense
+
+
+def write_new_run(out: Path, cfg: Config, moe: torch.nn.Module, tokenizer_json: str,
+                  origin: dict) -> Path:
+    """Write the run directory ``out`` (config, tokenizer, ``upcycled_from.json`` = ``origin``
+    and the step-0 checkpoint of ``moe``) into a temporary sibling, then rename it onto
+    ``out``: it appears whole or not at all. Returns the checkpoint's path."""
     tmp = out.parent / f".tmp-upcycle-{out.name}-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)  # ours: a name with our pid, from a failed attempt
     try:
         tmp.mkdir()
         config_text = dump_config(cfg)
-        origin = {"checkpoint": str(ckpt.resolve()), "step": step, "moe_layers": moe_layers,
-                  "experts": cfg.model.moe.num_experts, "top_k": cfg.model.moe.top_k}
         (tmp / "config.yaml").write_text(config_text)
         (tmp / "tokenizer.json").write_text(tokenizer_json)
         # Kept beside the checkpoints, which pruning removes in time.
@@ -129,10 +150,10 @@ def upcycle(dense_run: Path, out: Path, *, experts: int, top_k: int | None = Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Upcycled(out, out / "checkpoints" / written.name, cfg, ckpt, step, moe_layers)
+    return out / "checkpoints" / written.name
 
 
-def _check_out(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UpcycleError(f"--out {out} is a file; upcycling writes a new run directory")
     if out.is_dir():
@@ -143,7 +164,7 @@ def _check_out(out: Path) -> None:
                                f"new run and never into an existing directory; choose another")
 
 
-def _read_dense_run(run: Path) -> tuple[Path, Config, str]:
+def read_dense_run(run: Path) -> tuple[Path, Config, str]:
     """The dense run's newest checkpoint that verifies, its config and its tokenizer."""
     if not run.is_dir():
         raise UpcycleError(f"dense run '{run}' is not a directory")
@@ -276,9 +297,21 @@ def copy_into_experts(dense: torch.nn.Module, moe: torch.nn.Module) -> list[str]
     """Copy ``dense``'s parameters and buffers into ``moe``: each expert of a MoE layer gets
     the dense FFN at that layer's place, the gates keep their initialisation, everything else
     is copied by name. Returns the MoE layers' module names. Every dense tensor is used."""
-    source = dense.state_dict()
+    return mix_into_experts([dense], moe)
+
+
+def mix_into_experts(branches: Sequence[torch.nn.Module], moe: torch.nn.Module) -> list[str]:
+    """Fill ``moe`` from N dense models of one architecture (N = 1: upcycling; N = the number
+    of experts: BTX): expert e of every MoE layer is branch e's dense FFN at that layer's place
+    (every expert is branch 0's when N = 1), the gates keep their initialisation, and every
+    other parameter and buffer is the elementwise mean of the branches' (integer buffers, the
+    BatchNorm batch counters, rounded down; with N = 1 an exact copy). Returns the MoE layers'
+    module names. Every dense tensor is used."""
+    sources = [b.state_dict() for b in branches]
     target = moe.state_dict()
     layers = [name for name, _ in moe.moe_layers()]
+    assert len(sources) == 1 or all(len(layer.experts.experts) == len(sources)
+                                    for _, layer in moe.moe_layers()), len(sources)
     used, state = set(), {}
     for key, mine in target.items():
         layer = next((n for n in layers if key.startswith(n + ".")), None)
@@ -290,17 +323,28 @@ def copy_into_experts(dense: torch.nn.Module, moe: torch.nn.Module) -> list[str]
             if not key.startswith(expert_prefix):
                 raise UpcycleError(f"MoE layer {layer} has a tensor {key} that is neither its "
                                    f"gate nor an expert: no dense counterpart")
-            src = f"{layer}.{key[len(expert_prefix):].split('.', 1)[1]}"
+            e, rest = key[len(expert_prefix):].split(".", 1)
+            src, pick = f"{layer}.{rest}", [sources[int(e) if len(sources) > 1 else 0]]
         else:
-            src = key
-        if src not in source or source[src].shape != mine.shape:
-            found = tuple(source[src].shape) if src in source else "no such tensor"
-            raise UpcycleError(f"the dense model's {src} ({found}) cannot initialise the MoE "
-                               f"model's {key} {tuple(mine.shape)}")
-        state[key] = source[src].clone()
+            src, pick = key, sources
+        for source in pick:
+            if src not in source or source[src].shape != mine.shape:
+                found = tuple(source[src].shape) if src in source else "no such tensor"
+                raise UpcycleError(f"the dense model's {src} ({found}) cannot initialise the "
+                                   f"MoE model's {key} {tuple(mine.shape)}")
+        state[key] = _mean([source[src] for source in pick])
         used.add(src)
-    unused = sorted(set(source) - used)
+    unused = sorted(set().union(*sources) - used)
     if unused:
         raise UpcycleError(f"the MoE model has no place for the dense model's {unused}")
     moe.load_state_dict(state, strict=True)
     return layers
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    stacked = torch.stack(tensors)  # [N, *shape]
+    if stacked.is_floating_point():
+        return stacked.mean(0)
+    return stacked.sum(0) // len(tensors)

@@ -3,26 +3,35 @@
 The dense run here has FFNs of 64 units, except where MoE layers would be (block 1 of 2:
 ``model.moe.every`` 2), where the dense variant puts top_k x expert_hidden = 2 x 48 = 96 units;
 so the upcycled experts are 96 wide, and an expert that copied the wrong FFN would not fit.
+Branch-train-mix (the tests at the end) mixes that run with a second branch: another seed,
+another data subset, the same tokenizer. Another seed means another initialisation, so every
+averaged tensor differs from both runs' and the test of the mean means something (BTX proper
+branches from one seed run, as the README's example does).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from conftest import tiny_config
 from expertpar.app import train
 from expertpar.app.cli import main
-from expertpar.config import load_config
-from expertpar.data import ImageTextDataset, encode_captions, load_tokenizer, make_transform
-from expertpar.train.checkpoint import latest_checkpoint, read_shards, read_train_state
+from expertpar.config import config_from_dict, config_to_dict, dump_config, load_config
+from expertpar.data import (ImageTextDataset, encode_captions, load_tokenizer, make_transform,
+                            vocab_size)
+from expertpar.train.checkpoint import (latest_checkpoint, read_shards, read_train_state,
+                                        write_checkpoint)
 from expertpar.train.loop import dense_owner
 from expertpar.train.setup import build_model, model_for_tokenizer
-from expertpar.train.upcycle import UpcycleError, copy_into_experts, upcycle, upcycled_config
+from expertpar.train.upcycle import (UpcycleError, copy_into_experts, mix_into_experts, upcycle,
+                                     upcycled_config)
 
 DENSE = {"model.variant": "dense", "model.moe.top_k": 2, "model.moe.expert_hidden": 48,
          "train.steps": 4, "train.warmup_steps": 2, "train.checkpoint_every": 4,
@@ -107,7 +116,8 @@ def test_the_upcycled_model_starts_as_the_dense_model(dense_run, batch, tmp_path
     state = read_train_state(ckpt)
     origin = json.loads((out / "upcycled_from.json").read_text())
     assert state["step"] == 0 and state["upcycled_from"] == origin
-    assert origin == {"checkpoint": str(latest_checkpoint(dense_run / "checkpoints")),
+    assert origin == {"method": "upcycle",
+                      "checkpoint": str(latest_checkpoint(dense_run / "checkpoints")),
                       "step": 4, "moe_layers": ["towers.shared.1.ffn"], "experts": experts,
                       "top_k": top_k}
 
@@ -229,3 +239,186 @@ def test_expert_choice_routing_takes_no_top_k(dense_run, tmp_path, caplog):
         up = upcycle(dense_run, tmp_path / "b", experts=4,
                      overrides=["model.moe.routing=expert_choice"])
     assert up.config.model.moe.top_k == 1 and "expert_choice" in caplog.text
+
+
+# Branch-train-mix (BTX): several dense runs, one expert each, every other weight their mean.
+
+@pytest.fixture(scope="module")
+def branch_run(synth_dir, dense_run, tmp_path_factory) -> Path:
+    """A second branch: another seed (so another initialisation), another data subset (the
+    first 800 training pairs), the first branch's tokenizer, trained 4 steps."""
+    return train(tiny_config(synth_dir, tmp_path_factory.mktemp("branch"), **DENSE, **{
+        "run.seed": 1, "data.max_train_samples": 800,
+        "tokenizer.path": str(dense_run / "tokenizer.json")})).run_dir
+
+
+def write_untrained_run(run_dir: Path, cfg, tokenizer_json: str) -> Path:
+    """A dense run directory with one verified checkpoint of ``cfg``'s initial model: a branch
+    whose weights no test reads, made without training."""
+    model = build_model(cfg, vocab_size(Tokenizer.from_str(tokenizer_json)))
+    write_checkpoint(run_dir / "checkpoints", 0, dense_owner(model, cfg).export(),
+                     train_state={}, text_files={"config.yaml": dump_config(cfg),
+                                                 "tokenizer.json": tokenizer_json})
+    return run_dir
+
+
+def test_btx_experts_are_the_runs_ffns_and_every_other_weight_their_mean(
+        dense_run, branch_run, tmp_path):
+    out = tmp_path / "btx"
+    assert main(["upcycle", str(dense_run), str(branch_run), "--out", str(out)]) == 0
+    a, tok, _ = load_run(dense_run)
+    b, _, _ = load_run(branch_run)
+    moe, tok_mixed, cfg = load_run(out)
+    assert tok_mixed.to_str() == tok.to_str()
+    # The first run's config (its seed and data), two experts of the dense FFN's width, top-2.
+    assert (cfg.model.variant, cfg.model.moe.num_experts, cfg.model.moe.top_k,
+            cfg.model.moe.expert_hidden) == ("moe", 2, 2, 96)
+    assert cfg.run.seed == 0 and cfg.data.max_train_samples is None
+    layer = "towers.shared.1.ffn"
+    assert [name for name, _ in moe.moe_layers()] == [layer]
+    sa, sb = a.state_dict(), b.state_dict()
+    mixed = moe.state_dict()
+    fresh = model_for_tokenizer(cfg, tok).state_dict()
+    differ = 0
+    for key, got in mixed.items():
+        if key.startswith(f"{layer}.gate."):  # what a fresh MoE run of seed 0 starts with
+            assert torch.equal(got, fresh[key]), key
+        elif key.startswith(f"{layer}.experts.experts."):  # expert e = run e's FFN, bit for bit
+            e, name = key[len(f"{layer}.experts.experts."):].split(".", 1)
+            assert torch.equal(got, (sa, sb)[int(e)][f"{layer}.{name}"]), key
+        else:  # attention, norms, embeddings, stem, heads, logit scale, block 0's dense FFN
+            assert torch.equal(got, (sa[key] + sb[key]) / 2), key
+            differ += not torch.equal(sa[key], sb[key])
+    assert differ > 20  # the runs differ (seed, data), so the mean is no copy of either
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert ckpt.name == "step_000000"
+    assert not [k for shard in read_shards(ckpt).values() for k in shard if "::" in k
+                and not k.startswith("buffer::")]
+    origin = json.loads((out / "upcycled_from.json").read_text())
+    assert read_train_state(ckpt)["upcycled_from"] == origin
+    assert origin == {
+        "method": "btx", "config_from": str(dense_run),
+        "runs": [{"run": str(r), "checkpoint": str(latest_checkpoint(r / "checkpoints")),
+                  "step": 4} for r in (dense_run, branch_run)],
+        "moe_layers": [layer], "experts": 2, "top_k": 2}
+
+
+@pytest.mark.parametrize("towers,stem", [("separate", "cnn")])
+def test_btx_mixes_both_towers_and_averages_the_cnn_stems_statistics(synth_dir, tmp_path,
+                                                                     towers, stem):
+    """The mix itself, without training: three branches of other seeds, both towers' MoE
+    layers, and the CNN stem's BatchNorm buffers (floats averaged; the integer batch
+    counters' mean rounded down)."""
+    branches = []
+    for seed in range(3):
+        cfg = tiny_config(synth_dir, tmp_path, **DENSE, **{"model.towers": towers,
+                                                          "model.stem": stem, "run.seed": seed})
+        model = build_model(cfg, 128)
+        with torch.no_grad():
+            for b in model.buffers():
+                b.copy_(torch.rand_like(b) + 0.5 if b.is_floating_point() else
+                        torch.full_like(b, 10 + seed))
+        branches.append(model)
+    moe = build_model(upcycled_config(cfg, tmp_path / "up", experts=3), 128)
+    layers = mix_into_experts(branches, moe)
+    assert layers == ["towers.image.1.ffn", "towers.text.1.ffn"]
+    src = [m.state_dict() for m in branches]
+    counters = 0
+    for key, got in moe.state_dict().items():
+        layer = next((n for n in layers if key.startswith(n + ".")), None)
+        if layer is None:
+            want = torch.stack([s[key] for s in src])
+            if got.is_floating_point():
+                assert torch.equal(got, want.mean(0)), key
+            else:  # (10 + 11 + 12) // 3
+                counters += 1
+                assert torch.equal(got, torch.full_like(got, 11)), key
+        elif ".experts.experts." in key:
+            e, name = key.split(".experts.experts.")[1].split(".", 1)
+            assert torch.equal(got, src[int(e)][f"{layer}.{name}"]), key
+    assert counters > 0
+
+
+def test_btx_of_two_identical_runs_is_the_upcycled_dense_model(dense_run, batch, tmp_path):
+    """BTX of a run and its copy: both experts and every mean are the run's own weights, so
+    the checkpoint is `upcycle --experts 2`'s, tensor for tensor, and (renormalised top-2,
+    dropless) the first forward is the dense model's."""
+    twin = tmp_path / "twin"
+    shutil.copytree(dense_run, twin)
+    mixed, upcycled = tmp_path / "btx", tmp_path / "up"
+    assert main(["upcycle", str(dense_run), str(twin), "--out", str(mixed),
+                 "--set", "model.moe.dropless=true"]) == 0
+    assert upcycle_cli(dense_run, upcycled, "--experts", "2",
+                       "--set", "model.moe.dropless=true") == 0
+    got = read_shards(latest_checkpoint(mixed / "checkpoints"))
+    want = read_shards(latest_checkpoint(upcycled / "checkpoints"))
+    assert sorted(got) == sorted(want)
+    for file in want:
+        assert sorted(got[file]) == sorted(want[file]), file
+        for key in want[file]:
+            assert torch.equal(got[file][key], want[file][key]), (file, key)
+    dense, _, _ = load_run(dense_run)
+    moe, _, _ = load_run(mixed)
+    for train_mode in (False, True):
+        for want, got in zip(forward(dense, batch, train_mode), forward(moe, batch, train_mode)):
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+
+
+def test_the_btx_run_trains_on_and_its_loss_falls(dense_run, branch_run, tmp_path):
+    out = tmp_path / "btx"
+    assert main(["upcycle", str(dense_run), str(branch_run), "--out", str(out),
+                 "--set", "train.steps=6", "--set", "train.checkpoint_every=6"]) == 0
+    result = train(load_config(out / "config.yaml"))
+    assert len(result.losses) == 6  # resumed from the mixed step-0 checkpoint: steps 0..5
+    assert sum(result.losses[-3:]) / 3 < result.losses[0], result.losses
+    assert latest_checkpoint(out / "checkpoints").name == "step_000006"
+
+
+def test_btx_refuses_what_it_cannot_mix_naming_it(synth_dir, dense_run, branch_run, tmp_path,
+                                                   capsys):
+    out = tmp_path / "btx"
+
+    def refused(*runs: Path, args=(), to: Path = out) -> str:
+        assert main(["upcycle", *map(str, runs), "--out", str(to), *args]) == 2
+        return capsys.readouterr().err
+
+    before = {r: tree_digest(r) for r in (dense_run, branch_run)}
+    tok = (dense_run / "tokenizer.json").read_text()
+    cfg = load_config(dense_run / "config.yaml")
+    a, b = dense_run, branch_run
+    assert "--experts is required with one dense run" in refused(a)
+    assert "--experts 3 with 2 dense runs: BTX makes one expert of each run's FFN" in refused(
+        a, b, args=("--experts", "3"))
+    link = tmp_path / "link"
+    link.symlink_to(a)
+    assert f"dense run '{link}' is given twice (as '{a}' too)" in refused(a, b, link)
+    # Another architecture (the key, both values, both runs) or another vocabulary.
+    wide = write_untrained_run(tmp_path / "wide", config_from_dict(config_to_dict(cfg),
+                                                                    ["model.dim=48"]), tok)
+    assert (f"dense run '{wide}' has model.dim 48 but dense run '{a}' has 32: BTX averages"
+            in refused(a, wide))
+    topk = write_untrained_run(tmp_path / "topk", config_from_dict(
+        config_to_dict(cfg), ["model.moe.top_k=1"]), tok)
+    assert f"dense run '{topk}' has model.moe.top_k 1 but dense run '{a}' has 2" in refused(
+        a, topk)
+    other = Tokenizer.from_str(tok)
+    other.add_tokens(["zebra"])
+    words = write_untrained_run(tmp_path / "words", cfg, other.to_str())
+    assert (f"dense run '{words}' has another tokenizer than dense run '{a}'"
+            in refused(a, words))
+    # Not a dense run with a checkpoint: missing, without checkpoint, corrupt, MoE.
+    assert f"dense run '{tmp_path / 'nowhere'}' is not a directory" in refused(
+        a, tmp_path / "nowhere")
+    bad = tmp_path / "bad"
+    shutil.copytree(branch_run, bad)
+    for ckpt in (bad / "checkpoints").glob("step_*"):
+        (ckpt / "dense.safetensors").write_bytes(b"torn")
+    assert f"dense run '{bad}': no usable checkpoint in {bad / 'checkpoints'}" in refused(a, bad)
+    moe = tmp_path / "moe"
+    assert upcycle_cli(a, moe, "--experts", "2") == 0
+    capsys.readouterr()
+    assert f"dense run '{moe}' is already a MoE run" in refused(a, moe)
+    # An output directory that holds anything: nothing in it, nor in the runs, is touched.
+    assert f"--out {b} already holds files" in refused(a, b, to=b)
+    assert {r: tree_digest(r) for r in (dense_run, branch_run)} == before
+    assert not out.exists() and not list(tmp_path.glob(".tmp-upcycle-*"))
