@@ -401,6 +401,10 @@ def test_btx_refuses_what_it_cannot_mix_naming_it(synth_dir, dense_run, branch_r
         config_to_dict(cfg), ["model.moe.top_k=1"]), tok)
     assert f"dense run '{topk}' has model.moe.top_k 1 but dense run '{a}' has 2" in refused(
         a, topk)
+    relu = write_untrained_run(tmp_path / "relu", config_from_dict(
+        config_to_dict(cfg), ["model.moe.activation=relu"]), tok)
+    assert f"dense run '{relu}' has model.moe.activation 'relu' but dense run '{a}' has 'gelu'" in (
+        refused(a, relu))
     other = Tokenizer.from_str(tok)
     other.add_tokens(["zebra"])
     words = write_untrained_run(tmp_path / "words", cfg, other.to_str())
