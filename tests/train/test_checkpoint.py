@@ -119,12 +119,14 @@ def test_a_checkpoint_of_another_model_is_refused_listing_every_difference(synth
     before = sorted(p.name for p in cfg.run_dir.rglob("*"))
     other = tiny_config(synth_dir, tmp_path, **{"train.steps": 4, "model.dim": 48,
                                                 "model.moe.num_experts": 2,
+                                                "model.moe.activation": "relu",
                                                 "model.moe.capacity_factor": 2.0})
     with pytest.raises(CheckpointError) as err:
         train(other)
     message = str(err.value)
     assert f"checkpoint {ckpt} was written by a model this config does not describe" in message
-    assert "model.dim 32 there, 48 now; model.moe.num_experts 4 there, 2 now." in message
+    assert ("model.dim 32 there, 48 now; model.moe.num_experts 4 there, 2 now; "
+            "model.moe.activation 'gelu' there, 'relu' now." in message)
     assert "capacity_factor" not in message  # a key that may change on resume
     assert "--no-resume" in message
     assert sorted(p.name for p in cfg.run_dir.rglob("*")) == before  # nothing written
