@@ -13,13 +13,18 @@ In process (the default) the gate and the experts are ordinary parameters, train
 torch optimizer. With ``ray=RayExperts(...)`` the experts live in the trainer's expert
 actors, which own their weights, gradients and AdamW state; the gate stays here. The actors
 step whenever the torch optimizer that holds the gate steps, with that parameter group's
-learning rate, betas, eps and weight decay (torch's optimizer step hooks), so a training loop
-written for the in-process layer trains the Ray one unchanged. ``state_dict`` and
-``load_state_dict`` carry the experts' weights either way, under the same names.
+learning rate, betas, eps and weight decay (torch's optimizer step hooks), so a plain
+training loop written for the in-process layer (forward, backward, AdamW step) trains the Ray
+one unchanged. What works on ``model.parameters()`` in this process does not reach the
+experts' gradients in the actors: gradient clipping, a ``GradScaler``'s unscaling and
+inf check, ``zero_grad`` (a step clears them; ``zero_grad_experts`` drops them without one).
+``state_dict`` and ``load_state_dict`` carry the experts' weights either way, under the same
+names.
 """
 from __future__ import annotations
 
 import typing
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,7 +32,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                   register_optimizer_step_pre_hook)
 
 from .config import ConfigError, MoEConfig, convert_value
 from .moe.experts import FFN
@@ -126,7 +132,9 @@ class SparseMoE(nn.Module):
                  global_entropy_weight: float = 0.10, expert_precision: str = "float32",
                  seed: Optional[int] = None, ray: Optional[RayExperts] = None):
         super().__init__()
-        # The arguments that are MoEConfig's (all but dim, seed and ray), by name.
+        # Every other argument is named as the MoEConfig field it sets (FIELD_OF renames the
+        # exceptions), so the config is built from locals() by name: an argument added here
+        # reaches MoEConfig (and its checks) without a second list to keep in step.
         args = {k: v for k, v in locals().items()
                 if k not in ("self", "__class__", "dim", "seed", "ray")}
         self.cfg = moe_config(args)
@@ -148,19 +156,29 @@ class SparseMoE(nn.Module):
         self.stats: MoEStats | None = None
         self._experts = None
         if ray is not None:
-            self._experts = _start_experts(dim, self.cfg, self.seed, ray)
-        # The layer seeds itself; forked, so that the global generator's stream (which
-        # initialises the user's other modules) is the same in process and on Ray.
-        with torch.random.fork_rng(devices=[]):
-            self.layer = MoELayer(dim, self.cfg, 0, seed=self.seed,
-                                  experts=None if ray is None else self._experts.backend)
-        if ray is not None:
-            self._calls = 0  # names each forward's activations in the actors
-            hook = register_optimizer_step_post_hook(
-                partial(_after_optimizer_step, weakref.ref(self)))
-            self._release = weakref.finalize(self, _release, hook, self._experts)
-            self.register_state_dict_post_hook(_add_expert_tensors)
-            self.register_load_state_dict_pre_hook(_load_expert_tensors)
+            self._experts, leave_ray = _start_experts(dim, self.cfg, self.seed, ray)
+            self._optimizer_hooks: list = []  # removed when the actors stop
+            # From here on the actors (and a Ray started for them) go with the layer, or
+            # with close(), or with a failure below.
+            self._release = weakref.finalize(self, _release, self._optimizer_hooks,
+                                             self._experts, leave_ray)
+        try:
+            # The layer seeds itself; forked, so that the global generator's stream (which
+            # initialises the user's other modules) is the same in process and on Ray.
+            with torch.random.fork_rng(devices=[]):
+                self.layer = MoELayer(dim, self.cfg, 0, seed=self.seed,
+                                      experts=None if ray is None else self._experts.backend)
+            if ray is not None:
+                self._calls = 0  # names each forward's activations in the actors
+                me = weakref.ref(self)
+                self._optimizer_hooks += [
+                    register_optimizer_step_pre_hook(partial(_before_optimizer_step, me)),
+                    register_optimizer_step_post_hook(partial(_after_optimizer_step, me))]
+                self.register_state_dict_post_hook(_add_expert_tensors)
+                self.register_load_state_dict_pre_hook(_load_expert_tensors)
+        except BaseException:
+            self.close()
+            raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 1 or x.shape[-1] != self.dim:
@@ -186,14 +204,20 @@ class SparseMoE(nn.Module):
         return out.y_TD.reshape(x.shape)  # (T, D) -> (..., D)
 
     def step_experts(self, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                     eps: float = 1e-8, weight_decay: float = 0.01) -> None:
+                     eps: float = 1e-8, weight_decay: float = 0.01) -> bool:
         """Ray only: one AdamW step of the experts in their actors (what happens by itself
-        when the optimizer holding the gate steps), then their gradients are cleared."""
+        when the optimizer holding the gate steps), then their gradients are cleared.
+        Gradients that are not finite are dropped without a step (a warning; False): those
+        of a step a ``GradScaler`` skipped stay in the actors and add to the next step's."""
         if self._experts is None:
             raise RuntimeError("SparseMoE.step_experts: the experts are in this process, "
                                "ordinary parameters that your optimizer steps")
-        self._experts.step(float(lr), (float(betas[0]), float(betas[1])), float(eps),
-                           float(weight_decay))
+        stepped = self._experts.step(float(lr), (float(betas[0]), float(betas[1])),
+                                     float(eps), float(weight_decay))
+        if not stepped:
+            warnings.warn("SparseMoE: the experts' gradients were not finite (inf or NaN): "
+                          "dropped, the experts did not step", RuntimeWarning, stacklevel=2)
+        return stepped
 
     def zero_grad_experts(self) -> None:
         """Ray only: drop the experts' gradients (and kept activations) in their actors
@@ -246,34 +270,58 @@ def _is_number(value) -> bool:
 
 
 def _start_experts(dim: int, cfg: MoEConfig, seed: int, ray: RayExperts):
-    from .distributed.standalone import StandaloneExperts, start_ray
-    start_ray(ray.address, ray.num_actors * ray.cpus_per_actor + 1)
-    return StandaloneExperts(dim, cfg, seed, num_actors=ray.num_actors,
-                             cpus_per_actor=ray.cpus_per_actor,
-                             gpus_per_actor=ray.gpus_per_actor,
-                             shared_memory=ray.shared_memory, calls=ray.calls,
-                             timeout_s=ray.call_timeout_s)
+    """The layer's expert actors, and what to call once they are stopped (a Ray started for
+    them goes with the last layer on it)."""
+    from .distributed.ray_start import start_ray
+    from .distributed.standalone import StandaloneExperts
+    leave_ray = start_ray(ray.address, ray.num_actors * ray.cpus_per_actor + 1)
+    try:
+        return StandaloneExperts(dim, cfg, seed, num_actors=ray.num_actors,
+                                 cpus_per_actor=ray.cpus_per_actor,
+                                 gpus_per_actor=ray.gpus_per_actor,
+                                 shared_memory=ray.shared_memory, calls=ray.calls,
+                                 timeout_s=ray.call_timeout_s), leave_ray
+    except BaseException:
+        leave_ray()
+        raise
 
 
-def _release(hook, experts) -> None:
-    hook.remove()
-    experts.close()
+def _release(hooks: list, experts, leave_ray) -> None:
+    for hook in hooks:
+        hook.remove()
+    try:
+        experts.close()
+    finally:
+        leave_ray()
 
 
 # ---------------------------------------------------------------- Ray: the optimizer's step
+
+
+def _before_optimizer_step(ref, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """torch calls this before every optimizer's step: an optimizer that holds this layer's
+    gate and is not AdamW is refused before it changes anything."""
+    group = _gate_group(ref(), optimizer)
+    if group is not None:
+        adamw_hyperparameters(optimizer, group)
 
 
 def _after_optimizer_step(ref, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """torch calls this after every optimizer's step: the optimizer that holds this layer's
     gate steps its experts too, with the gate's parameter group's hyperparameters."""
     moe = ref()
-    if moe is None or moe._experts is None:
-        return
-    gate = moe.layer.gate.w_ED
-    group = next((g for g in optimizer.param_groups if any(p is gate for p in g["params"])),
-                 None)
+    group = _gate_group(moe, optimizer)
     if group is not None:
         moe.step_experts(**adamw_hyperparameters(optimizer, group))
+
+
+def _gate_group(moe: SparseMoE | None, optimizer: torch.optim.Optimizer) -> dict | None:
+    """The parameter group of ``optimizer`` that holds ``moe``'s gate, if any."""
+    if moe is None or moe._experts is None:
+        return None
+    gate = moe.layer.gate.w_ED
+    return next((g for g in optimizer.param_groups if any(p is gate for p in g["params"])),
+                None)
 
 
 def adamw_hyperparameters(optimizer: torch.optim.Optimizer, group: dict) -> dict:
@@ -313,7 +361,9 @@ def _add_expert_tensors(module: SparseMoE, state_dict: dict, prefix: str,
 def _load_expert_tensors(module: SparseMoE, state_dict: dict, prefix: str, local_metadata,
                          strict: bool, missing_keys: list, unexpected_keys: list,
                          error_msgs: list) -> None:
-    """Take the experts' weights out of ``state_dict`` and send them to their actors."""
+    """Take the experts' weights out of ``state_dict`` and send them to their actors. As
+    torch loads a module, what is there loads (with strict=False, or before strict raises):
+    a missing or misshapen expert parameter keeps its value, and is reported."""
     head = prefix + EXPERTS_KEY
     mine = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
     with torch.device("meta"):  # the names and shapes of an expert's parameters, no memory
@@ -328,9 +378,13 @@ def _load_expert_tensors(module: SparseMoE, state_dict: dict, prefix: str, local
            f"expert has {shape}" for k, shape in wanted.values()
            if k in mine and tuple(mine[k].shape) != shape]
     error_msgs.extend(bad)
-    if not missing and not bad:
-        module._experts.load_experts({key: mine[k] for key, (k, _) in wanted.items()},
-                                     where="load_state_dict")
+    present = {key: mine[k] for key, (k, shape) in wanted.items()
+               if k in mine and tuple(mine[k].shape) == shape}
+    if not present:
+        return
+    if len(present) < len(wanted):  # an actor loads whole experts: the rest as they are
+        present = {**module._experts.expert_tensors(), **present}
+    module._experts.load_experts(present, where="load_state_dict")
 
 
 __all__ = ["SparseMoE", "RayExperts", "MoEStats"]

@@ -25,6 +25,7 @@ def captured(monkeypatch, tmp_path):
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
     calls = []
+    up = []  # non-empty while the fake Ray is up
 
     def init(**kwargs):
         calls.append(kwargs)
@@ -32,9 +33,11 @@ def captured(monkeypatch, tmp_path):
             token = Path.home() / ".ray" / "auth_token"
             token.parent.mkdir(exist_ok=True)
             token.write_text("0123456789abcdef")
+        up.append(True)
 
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(up))
     monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", up.clear)
     return calls
 
 
@@ -82,21 +85,50 @@ def test_the_token_an_embedded_ray_makes_is_this_users_alone(synth_dir, tmp_path
 
 def test_a_drop_in_layers_embedded_ray_keeps_the_same_defaults(captured, monkeypatch):
     """SparseMoE(ray=RayExperts(...)) in a process without Ray starts one through
-    distributed/standalone.py: token authentication, a private token, no dashboard."""
-    from expertpar.distributed.standalone import start_ray
+    distributed/ray_start.py: token authentication, a private token, no dashboard. The last
+    layer on it to close (or to fail starting its actors) shuts it down; a Ray the process
+    had started stays up."""
+    import ray
+
+    from expertpar import RayExperts, SparseMoE
+    from expertpar.distributed import standalone
+
+    class Experts:  # the expert actors, not started
+        def __init__(self, *args, **kwargs):
+            self.backend = object()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(standalone, "StandaloneExperts", Experts)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(ValueError, match="RAY_AUTH_MODE"):
-        start_ray(None, 3)
-    assert captured == []
+        SparseMoE(4, 8, dim=4, ray=RayExperts(num_actors=2))
+    assert captured == [] and not ray.is_initialized()
     monkeypatch.delenv("RAY_AUTH_MODE")
     old = os.umask(0o022)
     try:
-        assert start_ray(None, 3)
+        layers = [SparseMoE(4, 8, dim=4, ray=RayExperts(num_actors=2)) for _ in range(2)]
     finally:
         os.umask(old)
-    (kwargs,) = captured
+    (kwargs,) = captured  # the first layer started it; the second runs on it
     assert kwargs["address"] == "local" and kwargs["include_dashboard"] is False
     assert kwargs["num_cpus"] >= 3
     token = Path.home() / ".ray" / "auth_token"
     assert not stat.S_IMODE(token.stat().st_mode) & 0o077
     assert not stat.S_IMODE(token.parent.stat().st_mode) & 0o077
+    layers[0].close()
+    assert ray.is_initialized()
+    layers[1].close()
+    assert not ray.is_initialized()
+    ray.init(address="local")  # the user's own Ray
+    SparseMoE(4, 8, dim=4, ray=RayExperts(num_actors=2)).close()
+    assert ray.is_initialized()
+    ray.shutdown()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the actors did not start")
+    monkeypatch.setattr(standalone, "StandaloneExperts", fail)
+    with pytest.raises(RuntimeError, match="did not start"):
+        SparseMoE(4, 8, dim=4, ray=RayExperts(num_actors=2))
+    assert not ray.is_initialized()  # a failed layer takes the Ray it started with it

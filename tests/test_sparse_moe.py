@@ -4,6 +4,8 @@ arguments, the activation, the auxiliary loss and statistics by hand, state_dict
 test_dist_ray_parity.py.)"""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import io
 import math
 import re
@@ -17,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from expertpar import MoEStats, RayExperts, SparseMoE
-from expertpar.sparse_moe import adamw_hyperparameters
+from expertpar.config import MoEConfig
+from expertpar.sparse_moe import FIELD_OF, adamw_hyperparameters
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -182,7 +185,7 @@ def test_seed_none_follows_torchs_global_generator():
     assert torch.equal(a.layer.gate.w_ED, b.layer.gate.w_ED)
 
 
-def test_the_experts_follow_only_an_adamw_step():
+def test_the_experts_take_adamw_hyperparameters_and_refuse_other_optimizers():
     w = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.AdamW([w], lr=0.003, betas=(0.8, 0.9), weight_decay=0.1)
     assert adamw_hyperparameters(opt, opt.param_groups[0]) == {
@@ -195,6 +198,26 @@ def test_the_experts_follow_only_an_adamw_step():
             adamw_hyperparameters(bad, bad.param_groups[0])
     with pytest.raises(RuntimeError, match="ordinary parameters"):
         SparseMoE(2, 4, dim=3).step_experts(0.1)
+
+
+# model.moe keys that are no argument: the layer is one MoE layer (every), routes its batch as
+# one group (routing_groups), and has no image tokens to prioritise (batch_prioritized_images).
+NOT_ARGUMENTS = {"every", "routing_groups", "batch_prioritized_images"}
+
+
+def test_the_defaults_are_model_moes():
+    params = inspect.signature(SparseMoE).parameters
+    args = {FIELD_OF.get(name, name): p for name, p in params.items()
+            if name not in ("dim", "seed", "ray")}
+    fields = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+    assert sorted(args) == sorted(fields.keys() - NOT_ARGUMENTS)
+    assert not NOT_ARGUMENTS & args.keys()
+    differ = {key: (p.default, fields[key]) for key, p in args.items()
+              if p.default is not p.empty and p.default != fields[key]}
+    assert not differ, differ  # argument: (its default, model.moe's)
+    # the required ones (num_experts, expert_size, dim) are the only ones without a default
+    assert [n for n, p in params.items() if p.default is p.empty] == [
+        "num_experts", "expert_size", "dim"]
 
 
 def test_import_expertpar_stays_light():

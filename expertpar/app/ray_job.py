@@ -28,7 +28,7 @@ from ..distributed.data import build_index_on_ray, train_data_config, train_data
 from ..distributed.elastic import (Watcher, actor_count, job_shapes, start_stop_signal,
                                    total, worker_shape)
 from ..distributed.recovery import Recoveries, describe_loss, root_error
-from ..distributed.ray_start import check_token_auth, private_ray_dir
+from ..distributed.ray_start import start_embedded
 from ..distributed.entry import WorkerPayload, train_worker
 from ..train.checkpoint import latest_checkpoint, read_train_state
 from ..train.loop import TrainResult, nothing_to_do
@@ -63,13 +63,10 @@ def ray_init(cfg: Config) -> bool:
         # on a 2-core machine (the OS shares the cores; Ray only counts).
         need = total(job_shapes(cfg)).get("CPU", 0.0) + 2
         num_cpus = cfg.distributed.embedded_num_cpus or max(os.cpu_count() or 1, int(need + 0.5))
-        check_token_auth()
-        private_ray_dir()
         # The dashboard serves the state API that Ray Train's clean-up polls; it listens on
         # 127.0.0.1 only.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                 dashboard_host="127.0.0.1", runtime_env=runtime_env, **quiet)
-        private_ray_dir()  # the token Ray has just made
+        start_embedded(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       runtime_env=runtime_env, **quiet)
     return True
 
 

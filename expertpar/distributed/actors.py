@@ -91,22 +91,27 @@ class MoEActors:
         if self._closed:
             return
         self._closed = True
-        handles = [*self.routers, *self.actors]
-        # Each releases its shared buffers first (a killed process cannot); a dead or stuck
-        # one is not waited for, and its buffers are swept below once its process is gone.
-        ray.wait([h.close.remote() for h in handles], num_returns=len(handles), timeout=10)
-        for handle in handles:
-            try:
-                ray.kill(handle)
-            except Exception as err:  # an actor that already died is fine  # noqa: BLE001
-                log.debug("kill: %r", err)
-        remove_placement_group(self.pg)
-        # The buffers of an actor that died (or was just killed) go once its process has: wait
-        # a little for those on this node, so none outlives the job.
-        here = ray.get_runtime_context().get_node_id()
-        _wait_gone([i["pid"] for i in [*self.infos, *self.router_infos]
-                    if "pid" in i and i.get("node_id") == here])
-        sweep_dead()
+        try:
+            stop_actors([*self.routers, *self.actors], [*self.infos, *self.router_infos])
+        finally:
+            remove_placement_group(self.pg)
+
+
+def stop_actors(handles: list, infos: list[dict]) -> None:
+    """Stop the actors ``handles`` (``infos``: what their ``info`` said, those known) so that
+    none leaves a shared buffer behind. Each releases its buffers first (a killed process
+    cannot); a dead or stuck one is not waited for. ``ray.kill`` returns before the process
+    is gone, and a buffer is swept only once its creator is: so wait a little for the
+    processes on this node, then sweep."""
+    ray.wait([h.close.remote() for h in handles], num_returns=len(handles), timeout=10)
+    for handle in handles:
+        try:
+            ray.kill(handle)
+        except Exception as err:  # an actor that already died is fine  # noqa: BLE001
+            log.debug("kill: %r", err)
+    here = ray.get_runtime_context().get_node_id()
+    _wait_gone([i["pid"] for i in infos if "pid" in i and i.get("node_id") == here])
+    sweep_dead()
 
 
 def _wait_gone(pids: list[int], timeout_s: float = 5.0) -> None:
@@ -153,16 +158,13 @@ def launch_moe_actors(cfg: Config, checkpoint: str | None = None, *,
                            f"{ray.cluster_resources()}")
     actor_cls = ray.remote(ExpertActor)
     gpus_in_cluster = bool(ray.cluster_resources().get("GPU", 0))
-
-    def hidden_gpus(gpus: float) -> dict:
-        return hide_gpus(gpus, gpus_in_cluster)
     actors = []
     for a, host in enumerate(hosts):
         actors.append(actor_cls.options(
             name=f"expertpar-{cfg.run.name}-{tag}-expert{a}",
             num_cpus=ex.cpus_per_actor, num_gpus=ex.gpus_per_actor or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a),
-            **hidden_gpus(ex.gpus_per_actor),
+            **hide_gpus(ex.gpus_per_actor, gpus_in_cluster),
         ).remote(host, cfg.model.dim, cfg.model.moe, cfg.train, cfg.run.seed, checkpoint,
                  ex.shared_memory, ex.calls == "socket"))
     # Router r goes where the experts are (expert bundle r mod A's node): with 0 CPUs it
@@ -179,7 +181,8 @@ def launch_moe_actors(cfg: Config, checkpoint: str | None = None, *,
             name=f"expertpar-{cfg.run.name}-{tag}-router{'' if r == 0 else r}",
             num_cpus=ex.router_cpus, num_gpus=ex.router_gpus or None,
             max_concurrency=4 * cfg.distributed.num_workers + 2 * R + 8,
-            scheduling_strategy=near_experts, **hidden_gpus(ex.router_gpus),
+            scheduling_strategy=near_experts,
+            **hide_gpus(ex.router_gpus, gpus_in_cluster),
         ).remote(cfg.model.dim, cfg.model.moe, cfg.train, L, cfg.run.seed, actors,
                  owner_table(hosts), checkpoint, ex.shared_memory, ex.router_threads, ex.calls,
                  index=r, num_routers=R, lead=routers[0] if r else None,

@@ -29,6 +29,7 @@ from pathlib import Path
 import ray
 
 CALL_TIMEOUT_S = 600.0  # the default deadline of a call (experts.call_timeout_s)
+KNOB = "experts.call_timeout_s"  # what sets the deadline, named when a call misses it
 _HEADER = struct.Struct("!Q")
 
 
@@ -177,15 +178,17 @@ class Peer:
     it serves one), else through its Ray actor ``handle``. ``name`` says who it is in errors.
 
     ``request`` sends and returns a ``Pending`` whose ``result`` waits for the reply, so a
-    caller can have several peers compute at once; one request per peer at a time.
+    caller can have several peers compute at once; one request per peer at a time. A call
+    that misses its deadline ``timeout_s`` names ``knob``, which sets it.
     """
 
     def __init__(self, handle, name: str, link_id: str | None = None,
-                 timeout_s: float = CALL_TIMEOUT_S):
+                 timeout_s: float = CALL_TIMEOUT_S, knob: str = KNOB):
         self.handle = handle
         self.name = name
         self.link_id = link_id
         self.timeout_s = timeout_s
+        self.knob = knob
         self._conn: socket.socket | None = None
         self._lock = threading.Lock()  # held from a request until its reply is read
 
@@ -242,10 +245,11 @@ class Peer:
 
 
 def peer_for(handle, name: str, address: tuple, serves: bool, here: str,
-             timeout_s: float = CALL_TIMEOUT_S) -> Peer:
+             timeout_s: float = CALL_TIMEOUT_S, knob: str = KNOB) -> Peer:
     """The way to call the process at link ``address`` (id, node, GPU) from node ``here``:
     its socket when it ``serves`` one on this node, else Ray."""
-    return Peer(handle, name, address[0] if serves and address[1] == here else None, timeout_s)
+    return Peer(handle, name, address[0] if serves and address[1] == here else None, timeout_s,
+                knob)
 
 
 class Pending:
@@ -259,7 +263,7 @@ class Pending:
 
     def _stuck(self) -> PeerStuck:
         return PeerStuck(f"{self.peer.name} did not answer {self.method} within "
-                         f"{self.timeout_s:g}s (experts.call_timeout_s)")
+                         f"{self.timeout_s:g}s ({self.peer.knob})")
 
     def result(self):
         peer = self.peer
@@ -297,14 +301,14 @@ class Pending:
         return value
 
 
-def wait_for(refs, what: str, timeout_s: float = CALL_TIMEOUT_S):
+def wait_for(refs, what: str, timeout_s: float = CALL_TIMEOUT_S, knob: str = KNOB):
     """``ray.get`` with a deadline, for the calls a step waits on: a dead actor raises
-    ``PeerLost`` and one that does not answer in time ``PeerStuck``, both naming ``what``."""
+    ``PeerLost`` and one that does not answer in time ``PeerStuck``, both naming ``what``
+    (and ``PeerStuck`` the ``knob`` that sets the deadline)."""
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as err:
-        raise PeerStuck(f"{what}: no answer within {timeout_s:g}s (experts.call_timeout_s)"
-                        ) from err
+        raise PeerStuck(f"{what}: no answer within {timeout_s:g}s ({knob})") from err
     except ray.exceptions.RayActorError as err:
         raise PeerLost(f"{what}: an actor died ({type(err).__name__}: {err})") from err
 

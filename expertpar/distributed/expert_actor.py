@@ -146,16 +146,22 @@ class ExpertActor:
             self.cache.clear()  # activations of an abandoned call never outlive a step
 
     def step_as(self, lr: float, betas: tuple[float, float], eps: float,
-                weight_decay: float) -> None:
+                weight_decay: float) -> bool:
         """A drop-in layer's step (sparse_moe.py): AdamW with the hyperparameters of the
         user's optimizer group that holds the layer's gate, weight decay on every expert
         parameter as torch's AdamW decays a group (the trainer's ``step`` decays matrices
-        only, with the run's betas)."""
+        only, with the run's betas). Gradients that are not finite (those of a step that a
+        ``GradScaler`` skipped, which never reaches here, add to the next) are dropped
+        without a step: False."""
         with self.lock:
+            self.cache.clear()
+            if not bool(torch.isfinite(self.owner.grad_norms()).all()):
+                self.owner.skip()
+                return False
             for group in self.owner.optimizer.param_groups:
                 group.update(betas=tuple(betas), eps=eps, weight_decay=weight_decay)
             self.owner.step(lr, 1.0)
-            self.cache.clear()
+            return True
 
     def load(self, shards: dict[str, dict[str, torch.Tensor]], where: str) -> None:
         """Parameters of this actor's experts from ``shards`` (checkpoint layout), optimizer

@@ -13,6 +13,7 @@ from expertpar.data import (Batch, ImageTextDataset, encode_captions, make_trans
                             train_tokenizer, vocab_size)
 from expertpar.distributed.actors import start_moe_actors
 from expertpar.distributed.bridge import RayBackend
+from expertpar.distributed.calls import PeerStuck
 from expertpar.distributed.runtime import RemoteOwner
 from expertpar.moe import MoELayer, RouteContext
 from expertpar.train.loop import dense_owner
@@ -283,8 +284,11 @@ def test_the_drop_in_layer_on_expert_actors_trains_as_in_process(ray_local):
     inside a user's model trained by a plain torch AdamW loop: the same outputs, auxiliary
     loss and statistics, the same losses step by step (the actors step when the optimizer
     holding the gate does, with its hyperparameters), the same state_dict, which also loads
-    back into the actors. The MoE reads the raw input (no gradient), so the experts' gradients
-    must not depend on one; the activation is not the default, so the actors' FFN is checked."""
+    back into the actors (with strict=False, what is there). The MoE reads the raw input (no
+    gradient), so the experts' gradients must not depend on one; the activation is not the
+    default, so the actors' FFN is checked. Then what is refused: non-finite expert gradients
+    (dropped, no step), another optimizer (before it steps), a call past its deadline (naming
+    RayExperts' knob), and everything after close()."""
     from expertpar import RayExperts, SparseMoE
 
     class Net(torch.nn.Module):
@@ -328,12 +332,38 @@ def test_the_drop_in_layer_on_expert_actors_trains_as_in_process(ray_local):
             fresh = Net()  # new weights everywhere, loaded into the actors
             there.load_state_dict(fresh.state_dict())
             assert rel_err(there(x), fresh.eval()(x)) <= 1e-5
+            # strict=False loads what is there, as torch does: expert 1 keeps its weights
+            part, kept = dict(want), there.state_dict()
+            gone = [k for k in part if ".experts.experts.1." in k]
+            for k in gone:
+                del part[k]
+            assert sorted(there.load_state_dict(part, strict=False).missing_keys) == sorted(gone)
+            now = there.state_dict()
+            assert gone and all(torch.equal(v, kept[k] if k in gone else part[k])
+                                for k, v in now.items())
+        # Non-finite expert gradients (those of a step a GradScaler skipped add to the next)
+        # are dropped without a step; the next step steps.
+        (there(x).sum() * float("nan")).backward()
+        with pytest.warns(RuntimeWarning, match="not finite"):
+            assert not there.moe.step_experts(0.01)
+        assert all(torch.equal(v, now[k]) for k, v in there.state_dict().items())
+        there(x).sum().backward()
+        assert there.moe.step_experts(0.01)
+        assert any(not torch.equal(v, now[k]) for k, v in there.state_dict().items()
+                   if ".experts." in k)
+        gate = there.moe.layer.gate.w_ED.detach().clone()
         sgd = torch.optim.SGD(there.parameters(), lr=0.1)
         with pytest.raises(TypeError, match="SGD"):
-            sgd.step()  # the experts would be trained by another rule: refused, named
+            sgd.step()  # the experts would be trained by another rule: refused, named,
+        assert torch.equal(there.moe.layer.gate.w_ED, gate)  # before anything stepped
+        there.moe._experts.timeout_s = 1e-6  # a call that misses its deadline names the knob
+        with pytest.raises(PeerStuck, match=r"RayExperts\(call_timeout_s=...\)"):
+            there.moe.zero_grad_experts()
     finally:
         there.moe.close()
     with pytest.raises(ray.exceptions.RayActorError):  # the actors are gone
         ray.get(actors[0].info.remote(), timeout=30)
-    with pytest.raises(RuntimeError, match="close"):
-        there(x)
+    for stopped in (lambda: there(x), there.state_dict, lambda: there.load_state_dict(want),
+                    lambda: there.moe.step_experts(0.01), there.moe.zero_grad_experts):
+        with pytest.raises(RuntimeError, match="stopped by close"):
+            stopped()
