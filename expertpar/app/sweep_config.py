@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 # The strict builder, number reader and key setter every config file goes through, so a sweep
 # file's errors read like a job file's.
 from ..config import (Config, ConfigError, build_section, config_to_dict, convert_value,
-                      load_config, read_yaml_mapping, set_path)
+                      load_config, parse_override, read_yaml_mapping, set_path)
 from ..data.catalog import find_dataset_info
 
 KINDS = ("choice", "uniform", "loguniform", "randint")
@@ -186,7 +186,7 @@ def _check_overrides(overrides, space: tuple[SearchDim, ...]) -> None:
     """A ``--set`` of a knob would be replaced by every trial's sample: refused, not ignored."""
     knobs = {d.key for d in space}
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
+        key, _ = parse_override(item)
         if key in knobs:
             raise ConfigError(f"--set {item}: '{key}' is a knob of the sweep (sweep key "
                               f"'space.{key}'); every trial sets its own value, so a fixed one "
