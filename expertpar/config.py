@@ -151,6 +151,12 @@ class ModelConfig:
     ffn_hidden: int = 128  # hidden width of the dense FFNs
     embed_dim: int = 64  # joint image-text space
     init_temperature: float = 0.07  # CLIP logit scale starts at 1/this
+    # contrastive: CLIP's loss on the pooled embeddings; captioning: a text decoder that
+    # attends to the image tokens learns to write the caption (autoregressive cross-entropy);
+    # both: CoCa, the sum (the captioning term weighted by caption_loss_weight)
+    objective: Literal["contrastive", "captioning", "both"] = "contrastive"
+    decoder_depth: int = 2  # blocks of the caption decoder; its every n-th FFN is MoE too
+    caption_loss_weight: float = 2.0  # CoCa's weight of the captioning term (contrastive: 1)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def check(self) -> list[tuple[str, str]]:
@@ -162,9 +168,32 @@ class ModelConfig:
             bad.append(("heads", f"must divide model.dim ({self.dim})"))
         if not 0 < self.init_temperature < 1:
             bad.append(("init_temperature", "must be in (0, 1)"))
+        if self.decoder_depth < 1:
+            bad.append(("decoder_depth", "must be >= 1"))
+        if not self.caption_loss_weight > 0:
+            bad.append(("caption_loss_weight", "must be > 0"))
+        if self.has_decoder and self.variant == "moe" and self.moe.routing == "expert_choice":
+            # Each expert picks its tokens among the whole batch's: a caption token's output
+            # would depend on the tokens after it, which generation (one token at a time)
+            # cannot reproduce. Token choice routes each token on its own.
+            bad.append(("moe.routing", f"is refused with model.objective "
+                        f"'{self.objective}': the caption decoder generates one token at a "
+                        f"time, so its routing must not look at later tokens; use "
+                        f"'token_choice'"))
         if self.variant == "moe" and self.moe.every > self.depth:
             bad.append(("moe.every", f"must be <= model.depth ({self.depth}) or no layer is MoE"))
         return bad
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.objective != "contrastive"
+
+    @property
+    def decoder_moe_layers(self) -> int:
+        """MoE layers of the caption decoder (numbered after the encoder's)."""
+        if not self.has_decoder or self.variant != "moe":
+            return 0
+        return self.decoder_depth // self.moe.every
 
 
 @dataclass(frozen=True)
@@ -404,7 +433,7 @@ class Config:
         if self.model.variant != "moe":
             return 0
         towers = 1 if self.model.towers == "shared" else 2
-        return towers * (self.model.depth // self.model.moe.every)
+        return towers * (self.model.depth // self.model.moe.every) + self.model.decoder_moe_layers
 
     @property
     def run_dir(self) -> Path:

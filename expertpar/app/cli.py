@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--data", help="held-out split to use instead of the run's data.eval")
 
+    c = sub.add_parser("caption", help="caption images with a run's caption decoder "
+                       "(model.objective captioning or both)")
+    c.add_argument("run_dir")
+    c.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    c.add_argument("--beam", type=int, default=1, metavar="K",
+                   help="beam search over K hypotheses (default 1: greedy)")
+
     r = sub.add_parser("report", help="figures (PNG) and an HTML page of a run, in "
                        "RUN_DIR/report/")
     r.add_argument("run_dir")
@@ -158,6 +165,16 @@ def _eval(args) -> int:
 
     metrics = evaluate_run(Path(args.run_dir), data=args.data)
     print(json.dumps(metrics, indent=1, sort_keys=True))  # the result itself, not a log line
+    return 0
+
+
+def _caption(args) -> int:
+    from .caption import caption_images
+
+    captions = caption_images(Path(args.run_dir), [Path(p) for p in args.images],
+                              beam=args.beam)
+    for path, caption in zip(args.images, captions):
+        print(f"{path}\t{caption}")  # the result itself, not a log line
     return 0
 
 
@@ -267,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                   else logging.INFO)
     from ..train.owners import CheckpointError  # a checkpoint that does not verify, by name
 
-    handler = {"train": _train, "eval": _eval, "report": _report, "upcycle": _upcycle,
+    handler = {"train": _train, "eval": _eval, "caption": _caption, "report": _report, "upcycle": _upcycle,
                "data": _data, "sweep": _sweep, "bench": _bench,
                "gpu-check": _gpu_check}[args.command]
     try:

@@ -7,6 +7,7 @@ import torch
 
 from ..config import Config
 from ..data import DatasetInfo, SampleIndex, make_transform
+from .captions import evaluate_captions
 from .embed import embed_dataset, embed_texts
 from .retrieval import recall_at_k
 from .zeroshot import class_embeddings, zero_shot_accuracy
@@ -14,15 +15,22 @@ from .zeroshot import class_embeddings, zero_shot_accuracy
 
 def evaluate(model, ds: SampleIndex, tokenizer, cfg: Config, *,
              info: DatasetInfo | None, device: torch.device) -> dict[str, float]:
-    emb = embed_split(model, ds, tokenizer, cfg, device)
     out: dict[str, float] = {"eval/samples": len(ds)}
-    out.update(recall_at_k(emb.image_NE, emb.text_NE, emb.captions, cfg.eval.recall_at))
-    if info is not None and info.classes:
-        class_CE = embed_classes(model, tokenizer, cfg, info, device)
-        out.update(zero_shot_accuracy(emb.image_NE, emb.labels_N, class_CE,
-                                      cfg.eval.zero_shot_top))
-    for L, stats in sorted(emb.stats.items()):
-        out.update(stats.summary(f"eval/moe{L}"))
+    # A captioning-only model's text tower and projections never trained: no contrastive
+    # metrics for it.
+    if cfg.model.objective != "captioning":
+        emb = embed_split(model, ds, tokenizer, cfg, device)
+        out.update(recall_at_k(emb.image_NE, emb.text_NE, emb.captions, cfg.eval.recall_at))
+        if info is not None and info.classes:
+            class_CE = embed_classes(model, tokenizer, cfg, info, device)
+            out.update(zero_shot_accuracy(emb.image_NE, emb.labels_N, class_CE,
+                                          cfg.eval.zero_shot_top))
+        for L, stats in sorted(emb.stats.items()):
+            out.update(stats.summary(f"eval/moe{L}"))
+    if cfg.model.has_decoder:
+        out.update(evaluate_captions(model, ds, tokenizer, image_size=cfg.data.image_size,
+                                     context_length=cfg.tokenizer.context_length,
+                                     batch_size=cfg.eval.batch_size, device=device))
     return out
 
 

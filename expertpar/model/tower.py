@@ -32,12 +32,37 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x_BND: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BND: torch.Tensor, mask_BN: torch.Tensor,
+                causal: bool = False) -> torch.Tensor:
         B, N, D = x_BND.shape
         qkv = self.qkv(x_BND).reshape(B, N, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each B,H,N,Dh
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BN[:, None, None, :])
+        mask_B11N = mask_BN[:, None, None, :]
+        # Causal: position n sees keys 0..n only. Position 0 ([BOS]) is always a real token,
+        # so no row is left with every key masked.
+        attn_mask = (mask_B11N & torch.ones(N, N, dtype=torch.bool, device=x_BND.device).tril()
+                     if causal else mask_B11N)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(y.transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    """Caption tokens (queries) attend to every image token (keys and values)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)  # no key bias, as in Attention
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x_BLD: torch.Tensor, image_BND: torch.Tensor) -> torch.Tensor:
+        B, L, D = x_BLD.shape
+        N, H = image_BND.shape[1], self.heads
+        q = self.q(x_BLD).reshape(B, L, H, D // H).transpose(1, 2)  # B,H,L,Dh
+        k, v = self.kv(image_BND).reshape(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
 class Block(nn.Module):
@@ -52,6 +77,9 @@ class Block(nn.Module):
     def forward(self, seqs: list[Seq], ctx: RouteContext) -> tuple[list[Seq], MoEOutput | None]:
         seqs = [Seq(s.x_BND + self.attn(self.norm1(s.x_BND), s.mask_BN), s.mask_BN, s.modality)
                 for s in seqs]
+        return self._ffn(seqs, ctx)
+
+    def _ffn(self, seqs: list[Seq], ctx: RouteContext) -> tuple[list[Seq], MoEOutput | None]:
         # Gather the valid tokens of every sequence into one T x D matrix.
         x_TD = torch.cat([s.x_BND[s.mask_BN] for s in seqs])
         modality_T = torch.cat([torch.full((int(s.mask_BN.sum()),), s.modality,
@@ -71,6 +99,24 @@ class Block(nn.Module):
             out.append(Seq(s.x_BND + delta_BND, s.mask_BN, s.modality))
             start += n
         return out, moe_out
+
+
+class DecoderBlock(Block):
+    """A caption decoder block (CoCa's multimodal decoder): causal self-attention over the
+    caption so far, cross-attention to the image tokens, then the FFN or MoE over the valid
+    tokens exactly as an encoder block's."""
+
+    def __init__(self, dim: int, heads: int, ffn: nn.Module, is_moe: bool):
+        super().__init__(dim, heads, ffn, is_moe)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.cross = CrossAttention(dim, heads)
+
+    def forward(self, seqs: list[Seq], ctx: RouteContext,
+                image_BND: torch.Tensor) -> tuple[list[Seq], MoEOutput | None]:
+        (s,) = seqs
+        x_BLD = s.x_BND + self.attn(self.norm1(s.x_BND), s.mask_BN, causal=True)
+        x_BLD = x_BLD + self.cross(self.norm_cross(x_BLD), image_BND)
+        return self._ffn([Seq(x_BLD, s.mask_BN, s.modality)], ctx)
 
 
 def _group_of_token(seqs: list[Seq], groups: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The vision-language model: stems -> tower(s) with sparse-MoE FFNs -> pooled joint embeddings.
+"""The vision-language model: stems -> tower(s) with sparse-MoE FFNs -> pooled joint embeddings,
+and (model.objective captioning or both) a caption decoder over the image tokens.
 
 Knows nothing of Ray: MoE layers come from a backend (expertpar.moe.backend), and every MoE
 layer is called the same way whichever backend built it.
@@ -16,7 +17,7 @@ from ..config import ModelConfig
 from ..moe import IMAGE, TEXT, LocalBackend, MoEBackend, RouteContext, RoutingStats
 from .stems import CNNStem, ConvStem, PatchStem, TextEmbedding
 from ..moe.experts import FFN
-from .tower import Block, Seq
+from .tower import Block, DecoderBlock, Seq
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Encoded:
     image_BE: torch.Tensor | None  # L2-normalised joint-space embeddings
     text_BE: torch.Tensor | None
     aux_loss: torch.Tensor  # sum over MoE layers of their weighted auxiliary losses
+    image_tokens_BND: torch.Tensor | None = None  # the image tower's output tokens (decoder)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # "moe{L}/name" -> value
     stats: dict[int, RoutingStats] = field(default_factory=dict)  # MoE layer -> stats
 
@@ -74,21 +76,30 @@ class VisionLanguageModel(nn.Module):
         self.image_proj = nn.Linear(D, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(D, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        if cfg.has_decoder:
+            # Built last: a contrastive model's parameters (and their initial values) are the
+            # same as before decoders existed, and its MoE layers are numbered after the
+            # encoder's.
+            self.memory_norm = nn.LayerNorm(D)  # the image tokens the decoder attends to
+            self.decoder = self._tower(backend, seed, cfg.decoder_depth, DecoderBlock)
+            self.decoder_norm = nn.LayerNorm(D)
+            self.lm_head = nn.Linear(D, vocab_size, bias=False)
 
-    def _tower(self, backend: MoEBackend, seed: int) -> nn.ModuleList:
+    def _tower(self, backend: MoEBackend, seed: int, depth: int | None = None,
+               block=Block) -> nn.ModuleList:
         cfg = self.cfg
         blocks = []
-        for i in range(cfg.depth):
+        for i in range(cfg.depth if depth is None else depth):
             if is_moe_layer(cfg, i):
                 # MoE layers seed themselves; fork so the global RNG stream that initialises the
                 # dense part is the same whatever the backend builds.
                 with torch.random.fork_rng(devices=[]):
                     ffn = backend.build_layer(self.num_moe_layers, cfg.dim, cfg.moe, seed)
                 self.num_moe_layers += 1
-                blocks.append(Block(cfg.dim, cfg.heads, ffn, is_moe=True))
+                blocks.append(block(cfg.dim, cfg.heads, ffn, is_moe=True))
             else:
                 ffn = FFN(cfg.dim, dense_ffn_hidden(cfg, i), dense_ffn_activation(cfg, i))
-                blocks.append(Block(cfg.dim, cfg.heads, ffn, is_moe=False))
+                blocks.append(block(cfg.dim, cfg.heads, ffn, is_moe=False))
         return nn.ModuleList(blocks)
 
     def moe_layers(self) -> list[tuple[str, nn.Module]]:
@@ -98,9 +109,9 @@ class VisionLanguageModel(nn.Module):
         return sorted(found, key=lambda item: item[1].layer_index)
 
     def _run(self, tower: nn.ModuleList, seqs: list[Seq], ctx: RouteContext,
-             enc: Encoded) -> list[Seq]:
+             enc: Encoded, *memory: torch.Tensor) -> list[Seq]:
         for block in tower:
-            seqs, moe_out = block(seqs, ctx)
+            seqs, moe_out = block(seqs, ctx, *memory)
             if moe_out is not None:
                 L = block.ffn.layer_index
                 enc.aux_loss = enc.aux_loss + moe_out.aux_loss
@@ -131,9 +142,25 @@ class VisionLanguageModel(nn.Module):
             pooled_BD = (s.x_BND * m).sum(1) / m.sum(1).clamp_min(1.0)
             if s.modality == IMAGE:
                 enc.image_BE = F.normalize(self.image_proj(self.image_norm(pooled_BD)), dim=-1)
+                enc.image_tokens_BND = s.x_BND
             else:
                 enc.text_BE = F.normalize(self.text_proj(self.text_norm(pooled_BD)), dim=-1)
         return enc
+
+    def decode(self, image_tokens_BND: torch.Tensor, ids_BL: torch.Tensor,
+               mask_BL: torch.Tensor, ctx: RouteContext = RouteContext(),
+               enc: Encoded | None = None) -> torch.Tensor:
+        """Next-token logits (B, L, V) of the caption decoder: position l predicts token l+1
+        from tokens 0..l and the image tokens. Its MoE layers' auxiliary losses and statistics
+        go into ``enc`` (with the encoder's, when it is the same forward's)."""
+        if not self.cfg.has_decoder:
+            raise ValueError("this model has no caption decoder (model.objective is "
+                             "'contrastive'; 'captioning' or 'both' adds one)")
+        enc = enc if enc is not None else Encoded(None, None, image_tokens_BND.new_zeros(()))
+        x = self.text_embed(ids_BL) + self.modality_embed[TEXT]
+        memory_BND = self.memory_norm(image_tokens_BND)
+        (s,) = self._run(self.decoder, [Seq(x, mask_BL, TEXT)], ctx, enc, memory_BND)
+        return self.lm_head(self.decoder_norm(s.x_BND))
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

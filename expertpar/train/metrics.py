@@ -80,7 +80,8 @@ def progress_line(step: int, steps: int, loss: float, tokens_per_s: float,
 def eval_line(step: int, m: dict[str, float]) -> str:
     parts = [f"eval @ {step}:"]
     for key in ("zero_shot/top1", "zero_shot/top5", "retrieval/image_to_text/R@1",
-                "retrieval/text_to_image/R@1", "retrieval/image_to_text/R@5"):
+                "retrieval/text_to_image/R@1", "retrieval/image_to_text/R@5",
+                "caption/bleu4", "caption/cider", "caption/exact_match"):
         if key in m:
             parts.append(f"{key}={m[key]:.3f}")
     return " ".join(parts)

@@ -1,7 +1,7 @@
 """One training step, the same for one process and for data-parallel Ray Train workers.
 
-forward -> CLIP loss over the global batch + auxiliary losses -> backward -> sum dense gradients
-over workers -> gradient norms of every owner (dense, gates, experts) -> one global clip
+forward -> CLIP loss over the global batch and/or the caption decoder's loss over the global
+batch's tokens + auxiliary losses -> backward -> sum dense gradients over workers -> gradient norms of every owner (dense, gates, experts) -> one global clip
 coefficient -> every owner steps at the same boundary.
 
 In process there is one owner (the whole model) and a world of one, so the collective calls are
@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..data import Batch
 from ..moe import RouteContext, RoutingStats
-from .loss import MAX_LOGIT_SCALE, clip_loss
+from .loss import MAX_LOGIT_SCALE, caption_loss_sum, clip_loss
 from .owners import Owner
 
 
@@ -94,20 +94,43 @@ def train_step(model, batch: Batch, ctx: RouteContext, owners: list[Owner], comm
     """``owners[0]`` owns this process's parameters (the dense part on a Ray worker)."""
     local = owners[0]
     local.zero_grad()
-    enc = model.encode(batch.images_BCHW, batch.ids_BL, batch.mask_BL, ctx)
-    # The contrastive loss of the *global* batch: every worker computes it in full.
-    loss_clip = clip_loss(comm.gather(enc.image_BE), comm.gather(enc.text_BE), model.logit_scale)
+    cfg = model.cfg
+    contrastive = cfg.objective != "captioning"  # captioning alone needs no text tower
+    ids_BL, mask_BL = batch.ids_BL, batch.mask_BL
+    enc = model.encode(batch.images_BCHW, ids_BL if contrastive else None,
+                       mask_BL if contrastive else None, ctx)
+    loss, metrics = torch.zeros((), device=enc.aux_loss.device), {}
+    if contrastive:
+        # The contrastive loss of the *global* batch: every worker computes it in full.
+        loss_clip = clip_loss(comm.gather(enc.image_BE), comm.gather(enc.text_BE),
+                              model.logit_scale)
+        loss = loss + loss_clip
+        metrics["loss/clip"] = loss_clip.item()
+    if cfg.has_decoder:
+        # Teacher forcing: position l reads tokens 0..l and predicts token l+1.
+        logits_BLV = model.decode(enc.image_tokens_BND, ids_BL[:, :-1], mask_BL[:, :-1], ctx,
+                                  enc)
+        targets = mask_BL[:, 1:].sum().float().reshape(1)
+        comm.all_reduce_sum_([targets])  # the global batch's: each worker's share of its mean
+        loss_cap = caption_loss_sum(logits_BLV, ids_BL[:, 1:], mask_BL[:, 1:]) / targets[0]
+        loss = loss + cfg.caption_loss_weight * loss_cap
     # Each worker holds a 1/W share of the (global) auxiliary loss; the router sums the shares.
-    loss = loss_clip + enc.aux_loss / comm.world
+    loss = loss + enc.aux_loss / comm.world
     loss.backward()
+    caption = loss_cap.detach().reshape(1).clone() if cfg.has_decoder else None
     if comm.world > 1:
-        # Every worker's loss is the full global loss in the logit scale, so its gradient would
-        # be counted W times by the sum below; per-sample parameters are counted once each.
-        model.logit_scale.grad.div_(comm.world)
-        comm.all_reduce_sum_([p.grad for p in local.parameters if p.grad is not None])
+        if contrastive:
+            # Every worker's loss is the full global loss in the logit scale, so its gradient
+            # would be counted W times by the sum below; per-sample parameters once each.
+            model.logit_scale.grad.div_(comm.world)
+        comm.all_reduce_sum_([p.grad for p in local.parameters if p.grad is not None]
+                             + ([caption] if caption is not None else []))
+    if caption is not None:
+        metrics["loss/caption"] = caption.item()
     norm, coef = clip_coefficient(torch.cat([o.grad_norms(ctx.step) for o in owners]),
                                   grad_clip)
-    total = loss_clip.item() + enc.aux_loss.item()
+    total = (metrics.get("loss/clip", 0.0) + enc.aux_loss.item()
+             + cfg.caption_loss_weight * metrics.get("loss/caption", 0.0))
     # A NaN or inf in the loss or any gradient (the norm is global: every worker sees the same)
     # skips the step everywhere: dense, gates and experts keep their weights and AdamW state.
     finite = math.isfinite(norm) and math.isfinite(total)
@@ -118,8 +141,7 @@ def train_step(model, batch: Batch, ctx: RouteContext, owners: list[Owner], comm
             owner.skip()
     with torch.no_grad():  # CLIP: the learned temperature may not sharpen past 1/100
         model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
-    metrics = {"loss/total": total,
-               "loss/clip": loss_clip.item(), "loss/aux": enc.aux_loss.item(),
-               "optim/grad_norm": norm, "model/logit_scale": model.logit_scale.exp().item()}
+    metrics.update({"loss/total": total, "loss/aux": enc.aux_loss.item(),
+                    "optim/grad_norm": norm, "model/logit_scale": model.logit_scale.exp().item()})
     metrics.update({f"aux/{k}": float(v) for k, v in enc.aux.items()})
     return StepResult(metrics, enc.stats, skipped=not finite)

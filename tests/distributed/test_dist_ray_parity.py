@@ -17,7 +17,7 @@ from expertpar.distributed.calls import PeerStuck
 from expertpar.distributed.runtime import RemoteOwner
 from expertpar.moe import MoELayer, RouteContext
 from expertpar.train.loop import dense_owner
-from expertpar.train.loss import clip_loss
+from expertpar.train.loss import caption_loss_sum, clip_loss
 from expertpar.train.names import expert_entries, gate_entries, model_entries
 from expertpar.train.setup import build_model
 from expertpar.train.step import SingleProcess, train_step
@@ -47,14 +47,21 @@ def routed(routing: str) -> dict:
     return {"model.moe.routing": routing, "model.moe.top_k": 2 if routing == "token_choice" else 1}
 
 
-@pytest.mark.parametrize("routing,num_actors,calls,transport", [
-    ("token_choice", 1, "socket", "router"), ("expert_choice", 2, "socket", "router"),
-    ("token_choice", 2, "ray", "router"), ("token_choice", 2, "socket", "direct"),
-    ("expert_choice", 4, "ray", "direct")])
+@pytest.mark.parametrize("routing,num_actors,calls,transport,objective", [
+    ("token_choice", 1, "socket", "router", "contrastive"),
+    ("expert_choice", 2, "socket", "router", "contrastive"),
+    ("token_choice", 2, "ray", "router", "contrastive"),
+    ("token_choice", 2, "socket", "direct", "contrastive"),
+    ("expert_choice", 4, "ray", "direct", "contrastive"),
+    # CoCa: the caption decoder's MoE layer (layer 1) on the actors too, both ways
+    ("token_choice", 2, "socket", "router", "both"),
+    ("token_choice", 2, "socket", "direct", "both")])
 def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_path, batch,
-                                                     num_actors, calls, transport, routing):
+                                                     num_actors, calls, transport, routing,
+                                                     objective):
     tok, images, ids, mask = batch
     cfg = tiny_config(synth_dir, tmp_path, **routed(routing), **{
+        "model.objective": objective, "model.decoder_depth": 2,
         "distributed.backend": "ray", "experts.num_actors": num_actors, "experts.calls": calls,
         "experts.transport": transport,
         "experts.cpus_per_actor": 0.5, "model.moe.capacity_factor": 1.0,
@@ -76,6 +83,13 @@ def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_p
         enc_r = remote.encode(images, ids, mask, ctx)
         assert rel_err(enc_r.image_BE, enc_l.image_BE) <= 1e-5
         assert rel_err(enc_r.text_BE, enc_l.text_BE) <= 1e-5
+        logits = {}
+        if objective == "both":  # teacher-forced captions through the decoder's MoE layer
+            for name, model, enc in (("local", local, enc_l), ("remote", remote, enc_r)):
+                logits[name] = model.decode(enc.image_tokens_BND, ids[:, :-1], mask[:, :-1], ctx,
+                                            enc)
+            assert rel_err(logits["remote"], logits["local"]) <= 1e-5
+            assert sorted(enc_l.stats) == sorted(enc_r.stats) == [0, 1]
         # A small sum of float32 terms whose order the router's threads choose: 1.8e-5
         # relative was seen once (expert choice, aux loss ~1e-3), hence 1e-4 for it alone.
         assert float(enc_r.aux_loss) == pytest.approx(float(enc_l.aux_loss), rel=1e-4)
@@ -83,8 +97,10 @@ def test_forward_and_every_gradient_match_in_process(ray_local, synth_dir, tmp_p
             assert torch.equal(enc_r.stats[L].kept_ME, enc_l.stats[L].kept_ME)
 
         # Backward both ways, then compare every gradient by its checkpoint name.
-        for model, enc in ((local, enc_l), (remote, enc_r)):
+        for name, model, enc in (("local", local, enc_l), ("remote", remote, enc_r)):
             loss = clip_loss(enc.image_BE, enc.text_BE, model.logit_scale) + enc.aux_loss
+            if logits:
+                loss = loss + caption_loss_sum(logits[name], ids[:, 1:], mask[:, 1:])
             loss.backward()
         remote_grads = {**owners_r[0].grads(), **ray.get(moe.router.grads.remote())}
         # Direct: this worker called the actors; through the router: the router did.
