@@ -77,7 +77,8 @@ def open_run(cfg: Config, *, resume: bool) -> Path | None:
 SHAPING_KEYS = ("model.variant", "model.towers", "model.stem", "model.patch_size", "model.dim",
                 "model.depth", "model.heads", "model.ffn_hidden", "model.embed_dim",
                 "model.moe.num_experts", "model.moe.every", "model.moe.expert_hidden",
-                "model.moe.activation", "tokenizer.context_length", "data.image_size")
+                "model.moe.activation", "model.objective", "model.decoder_depth",
+                "tokenizer.context_length", "data.image_size")
 
 
 def check_resumable(cfg: Config, ckpt: Path) -> None:

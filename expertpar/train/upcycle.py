@@ -68,7 +68,7 @@ SET_BY_COMMAND = {"model.variant": "the upcycled run is always 'moe'",
 COPIED_KEYS = ("model.towers", "model.stem", "model.patch_size", "model.dim", "model.depth",
                "model.heads", "model.embed_dim", "model.init_temperature", "tokenizer.path",
                "tokenizer.vocab_size", "tokenizer.context_length", "data.image_size",
-               "model.moe.activation")
+               "model.moe.activation", "model.objective", "model.decoder_depth")
 
 
 class UpcycleError(ValueError):

@@ -146,6 +146,28 @@ def test_two_towers_and_the_cnn_stems_statistics_are_copied(synth_dir, tmp_path,
         torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
 
 
+def test_a_coca_models_decoder_ffns_become_experts_too(synth_dir, tmp_path):
+    """model.objective both: the caption decoder's FFN at a MoE place is copied like a tower's,
+    and the upcycled decoder starts as the dense one."""
+    dense_cfg = tiny_config(synth_dir, tmp_path, **DENSE, **{"model.objective": "both"})
+    dense = build_model(dense_cfg, 128)
+    cfg = upcycled_config(dense_cfg, tmp_path / "up", experts=3,
+                          overrides=["model.moe.dropless=true"])
+    moe = build_model(cfg, 128)
+    assert copy_into_experts(dense, moe) == ["towers.shared.1.ffn", "decoder.1.ffn"]
+    gen = torch.Generator().manual_seed(0)
+    images, ids = torch.rand(6, 3, 32, 32, generator=gen), torch.randint(4, 128, (6, 12),
+                                                                          generator=gen)
+    mask = torch.ones(6, 12, dtype=torch.bool)
+    logits = []
+    for model in (dense, moe):
+        model.eval()
+        with torch.no_grad():
+            enc = model.encode(images, ids, mask)
+            logits.append(model.decode(enc.image_tokens_BND, ids, mask))
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=2e-5)
+
+
 def test_the_experts_keep_the_activation_the_dense_ffns_were_trained_with(synth_dir, tmp_path):
     dense_cfg = tiny_config(synth_dir, tmp_path, **DENSE, **{"model.moe.activation": "silu"})
     cfg = upcycled_config(dense_cfg, tmp_path / "up", experts=2)
