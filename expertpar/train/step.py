@@ -1,8 +1,9 @@
 """One training step, the same for one process and for data-parallel Ray Train workers.
 
 forward -> CLIP loss over the global batch and/or the caption decoder's loss over the global
-batch's tokens + auxiliary losses -> backward -> sum dense gradients over workers -> gradient norms of every owner (dense, gates, experts) -> one global clip
-coefficient -> every owner steps at the same boundary.
+batch's tokens + auxiliary losses -> backward -> sum dense gradients over workers -> gradient
+norms of every owner (dense, gates, experts) -> one global clip coefficient -> every owner
+steps at the same boundary.
 
 In process there is one owner (the whole model) and a world of one, so the collective calls are
 no-ops; on Ray the dense parameters are owned here and the gates and experts by actors.

@@ -60,7 +60,7 @@ def test_a_position_sees_the_tokens_before_it_and_the_image_but_not_the_tokens_a
     assert not torch.allclose(model.decode(other, ids, mask)[:, 0], logits[:, 0])
 
 
-def test_the_decoder_layers_moe_is_numbered_after_the_encoders_and_a_contrastive_model_is_unchanged():
+def test_decoder_moe_layers_come_after_the_encoders_and_a_contrastive_model_is_unchanged():
     cfg = make_cfg()
     both = make_model(cfg)
     assert both.num_moe_layers == 2  # the shared tower's block 2, the decoder's block 2
