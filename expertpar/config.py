@@ -62,9 +62,15 @@ class TokenizerConfig:
     path: Optional[str] = None  # a tokenizer.json to load; null trains one on the train captions
     vocab_size: int = 1000  # WordPiece vocabulary trained on the training captions
     context_length: int = 16  # tokens per caption, [BOS] and [EOS] included
+    # a GloVe text file (`word v1 ... vd`, gzipped or not): whole-word tokens found in it start
+    # from their vector (projected to model.dim by a seeded map when d differs); a trained
+    # vocabulary takes GloVe's words, in file order, into the slots the captions leave
+    glove: Optional[str] = None
 
     def check(self) -> list[tuple[str, str]]:
         bad = []
+        if self.glove is not None and not self.glove.strip():
+            bad.append(("glove", "must be a path to a GloVe file, or null"))
         if self.vocab_size < 16:
             bad.append(("vocab_size", "must be >= 16"))
         if self.context_length < 3:

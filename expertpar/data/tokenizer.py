@@ -28,12 +28,16 @@ def _build(vocab: dict[str, int] | None = None) -> Tokenizer:
     return tok
 
 
-def train_tokenizer(captions: Iterable[str], vocab_size: int = 1000) -> Tokenizer:
+def train_tokenizer(captions: Iterable[str], vocab_size: int = 1000,
+                    extra_words: Iterable[str] = ()) -> Tokenizer:
     """Build a WordPiece vocabulary from `captions`; same captions give the same tokenizer.
 
     The vocab is: special tokens, then single characters (word-initial and `##`
-    continuation, most frequent first), then whole words by frequency. Unknown words
-    thus fall back to characters. We do not use `tokenizers`' WordPieceTrainer: it
+    continuation, most frequent first), then whole words by frequency, then `extra_words`
+    in their order (GloVe's, so words absent from the captions have a token to take a
+    vector), as their `token_form`, skipping those that are not one piece, up to
+    `vocab_size`. Unknown words thus fall back to characters. `extra_words` is read only
+    as far as the vocabulary has room. We do not use `tokenizers`' WordPieceTrainer: it
     breaks frequency ties in hash-map order, so two runs on the same captions can give
     different vocabularies (and checkpoints would not match their tokenizer).
     """
@@ -54,12 +58,29 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = 1000) -> Tokenize
         if len(vocab) >= vocab_size:
             break
         vocab.setdefault(token, len(vocab))
+    for word in extra_words:
+        if len(vocab) >= vocab_size:
+            break
+        token = token_form(probe, word)
+        if token is not None:
+            vocab.setdefault(token, len(vocab))
     tok = _build(vocab)
     # Registering them as special lets decode(skip_special_tokens=True) drop them;
     # they are already in the vocab, so their ids stay 0..3.
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     _check_special_ids(tok, "trained tokenizer")
     return tok
+
+
+def token_form(tok: Tokenizer, word: str) -> str | None:
+    """The one token `word` is to `tok` before WordPiece splits it: normalised ("Red" ->
+    "red"), or None when the pre-tokenizer makes more than one piece of it ("can't")."""
+    text = tok.normalizer.normalize_str(word) if tok.normalizer is not None else word
+    if tok.pre_tokenizer is not None:
+        pieces = [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+    else:
+        pieces = text.split()
+    return text if pieces == [text] else None
 
 
 def _check_special_ids(tok: Tokenizer, where: str) -> None:
@@ -122,5 +143,5 @@ def encode_captions(tok: Tokenizer, captions: Sequence[str],
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "SPECIAL_TOKENS", "UNK_ID", "encode_captions",
-    "load_tokenizer", "save_tokenizer", "train_tokenizer", "vocab_size",
+    "load_tokenizer", "save_tokenizer", "token_form", "train_tokenizer", "vocab_size",
 ]

@@ -22,7 +22,7 @@ from ..data import Batch, SampleIndex
 from ..train.checkpoint import read_shards
 from ..train.loop import dense_owner, run
 from ..train.names import DENSE_FILE
-from ..train.setup import model_for_tokenizer, pick_device
+from ..train.setup import model_for_run, pick_device
 from ..train.step import SingleProcess, TorchDistributed
 from .bridge import RayBackend
 from .calls import wait_for
@@ -105,7 +105,7 @@ class RayRuntime:
         self.comm = TorchDistributed() if world > 1 else SingleProcess()
         tokenizer = Tokenizer.from_str(spec.tokenizer_json)
         backend = RayBackend(payload.routers, rank=rank, world_size=world, device=self.device)
-        self.model = model_for_tokenizer(cfg, tokenizer, backend).to(self.device)
+        self.model = model_for_run(spec, tokenizer, backend).to(self.device)
         dense = dense_owner(self.model, cfg)
         if spec.resume_from:
             dense.load(read_shards(Path(spec.resume_from), [DENSE_FILE], verified=True),

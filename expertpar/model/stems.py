@@ -59,12 +59,15 @@ class CNNStem(nn.Module):
         return self.proj(self.body(images_BCHW)).flatten(2).transpose(1, 2)
 
 
+TOKEN_INIT_STD = 0.02  # token embeddings start N(0, this^2); GloVe rows are scaled to it
+
+
 class TextEmbedding(nn.Module):
     def __init__(self, vocab_size: int, context_length: int, dim: int):
         super().__init__()
         self.tok = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(1, context_length, dim))
-        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.tok.weight, std=TOKEN_INIT_STD)
         nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, ids_BL: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from ..data import Batch, SampleIndex, train_batches
 from .checkpoint import read_shards
 from .loop import TrainResult, dense_owner, nothing_to_do, run
 from .spec import RunSpec
-from .setup import model_for_tokenizer, open_run, pick_device, prepare_run
+from .setup import model_for_run, open_run, pick_device, prepare_run
 from .step import SingleProcess
 
 
@@ -21,7 +21,7 @@ class LocalRuntime:
         self.cfg, self.index, self.evald = cfg, index, evald
         self.tokenizer = Tokenizer.from_str(spec.tokenizer_json)
         self.device = pick_device(cfg.train.device)
-        self.model = model_for_tokenizer(cfg, self.tokenizer).to(self.device)
+        self.model = model_for_run(spec, self.tokenizer).to(self.device)
         self.owners = [dense_owner(self.model, cfg)]
         self.comm = SingleProcess()
         if spec.resume_from:

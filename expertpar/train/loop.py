@@ -93,7 +93,8 @@ def _steps(spec: RunSpec, rt: Runtime, tokenizer: Tokenizer,
     run_dir, lead = Path(spec.run_dir), rt.comm.rank == 0
     if lead:
         metrics_log.write({"step": spec.start, "event": "start", **spec.skipped,
-                           "data/train_samples": spec.train_samples, "train/workers": rt.comm.world})
+                           "data/train_samples": spec.train_samples, "train/workers": rt.comm.world,
+                           **(spec.text_init.metrics() if spec.text_init else {})})
     eval_data = rt.eval_data() if lead and spec.eval_location else None
     model, device = rt.model, rt.device
 

@@ -12,13 +12,15 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import Config, config_to_dict, dump_config, get_path
+from ..config import Config, ConfigError, config_to_dict, dump_config, get_path
 from ..data import (SampleIndex, load_tokenizer, save_tokenizer, train_tokenizer,
                     vocab_size)
+from ..data.glove import glove_words
 from ..model import VisionLanguageModel
 from ..moe import MoEBackend
 from .checkpoint import CheckpointError, latest_checkpoint, read_train_state
 from .spec import RunSpec
+from .text_init import apply_text_init, glove_text_init
 
 log = logging.getLogger("expertpar")
 IndexBuilder = Callable[..., SampleIndex]  # SampleIndex.build, or its Ray-parallel twin
@@ -106,6 +108,7 @@ def prepare_run(cfg: Config, ckpt: Path | None, *, stop_after: int | None,
     """Index both splits (skipping bad samples), train or load the tokenizer, and say which
     steps to run; returns the spec every worker receives and both splits' indexes."""
     run_dir = cfg.run_dir.resolve()
+    glove = glove_path(cfg) if ckpt is None else None  # a resumed run has its embeddings
     seed_everything(cfg.run.seed)
     train = build_index(cfg.data.train, max_samples=cfg.data.max_train_samples)
     if len(train) < cfg.train.batch_size:
@@ -115,6 +118,8 @@ def prepare_run(cfg: Config, ckpt: Path | None, *, stop_after: int | None,
              if cfg.data.eval else None)
     info = (evald.info if evald is not None else None) or train.info
     tokenizer = load_tokenizer_for(cfg, run_dir, train.captions)
+    text_init = (glove_text_init(tokenizer, glove, cfg.model.dim, cfg.run.seed)
+                 if glove is not None else None)
     start = read_train_state(ckpt)["step"] if ckpt is not None else 0
     if start > cfg.train.steps:
         raise ValueError(f"config key 'train.steps': {cfg.train.steps} is below the step of the "
@@ -128,8 +133,19 @@ def prepare_run(cfg: Config, ckpt: Path | None, *, stop_after: int | None,
                    tokenizer_json=tokenizer.to_str(), train_location=train.location,
                    train_samples=len(train), skipped=train.skipped.as_metrics(),
                    eval_location=evald.location if evald is not None else None, info=info,
-                   resume_from=str(ckpt) if ckpt is not None else None)
+                   resume_from=str(ckpt) if ckpt is not None else None, text_init=text_init)
     return spec, train, evald
+
+
+def glove_path(cfg: Config) -> Path | None:
+    """``tokenizer.glove``, checked before the data is indexed: a wrong path fails at once."""
+    if cfg.tokenizer.glove is None:
+        return None
+    path = Path(cfg.tokenizer.glove)
+    if not path.is_file():
+        raise ConfigError(f"config key 'tokenizer.glove': {cfg.tokenizer.glove!r} is not a file"
+                          f"{'' if path.exists() else ' (it does not exist)'}")
+    return path
 
 
 def load_tokenizer_for(cfg: Config, run_dir: Path, captions):
@@ -139,8 +155,9 @@ def load_tokenizer_for(cfg: Config, run_dir: Path, captions):
         return load_tokenizer(saved)
     if cfg.tokenizer.path:
         tokenizer = load_tokenizer(cfg.tokenizer.path)
-    else:
-        tokenizer = train_tokenizer(captions, cfg.tokenizer.vocab_size)
+    else:  # GloVe's words fill the vocabulary left after the captions' (tokenizer.py)
+        extra = glove_words(glove_path(cfg)) if cfg.tokenizer.glove else ()
+        tokenizer = train_tokenizer(captions, cfg.tokenizer.vocab_size, extra)
     save_tokenizer(tokenizer, saved)
     return tokenizer
 
@@ -154,3 +171,13 @@ def build_model(cfg: Config, vocab: int, backend: MoEBackend | None = None) -> V
 
 def model_for_tokenizer(cfg: Config, tokenizer, backend: MoEBackend | None = None):
     return build_model(cfg, vocab_size(tokenizer), backend)
+
+
+def model_for_run(spec: RunSpec, tokenizer, backend: MoEBackend | None = None):
+    """The model a training process starts from, the same in every process: the seeded
+    initialisation, with ``tokenizer.glove``'s rows on a fresh start (a resumed one, or a Ray
+    recovery from a checkpoint, loads its embeddings over them anyway)."""
+    model = model_for_tokenizer(spec.cfg, tokenizer, backend)
+    if spec.text_init is not None and spec.resume_from is None:
+        apply_text_init(model, spec.text_init)
+    return model
