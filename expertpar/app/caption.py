@@ -8,7 +8,7 @@ import torch
 from ..data import make_transform
 from ..data.decode import decode_image
 from ..data.errors import SampleError
-from ..model.generate import generate
+from ..eval.generate import generate
 from ..train.setup import pick_device
 from .evaluate import load_run_config, load_run_model
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..data import SampleIndex, make_transform
-from ..model.generate import generate
+from .generate import generate
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 CIDER_SIGMA = 6.0  # CIDEr-D's Gaussian length penalty (Vedantam et al. 2015)

@@ -11,7 +11,7 @@ from expertpar.config import ConfigError, config_from_dict
 from expertpar.data import Batch
 from expertpar.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from expertpar.model import VisionLanguageModel
-from expertpar.model.generate import generate
+from expertpar.eval.generate import generate
 from expertpar.moe import RouteContext
 from expertpar.train.loss import caption_loss_sum
 from expertpar.train.names import model_buffers, model_entries
