@@ -1,5 +1,7 @@
-"""Captioning end to end, in process: a CoCa run learns to describe held-out shapes, `expertpar
-eval` scores its captions, and `expertpar caption` captions image files (greedy and beam)."""
+"""Captioning end to end, in process: a captioning run learns to describe held-out shapes,
+`expertpar eval` scores its captions, and `expertpar caption` captions image files (greedy and
+beam). (CoCa, objective both, trains in test_dist_faults.py: 2 Ray workers against one
+process.)"""
 from __future__ import annotations
 
 import json
@@ -15,19 +17,19 @@ from expertpar.data.synthetic import make_sample
 from expertpar.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
-STEPS = 150
+STEPS = 120
 
 
 @pytest.fixture(scope="module")
 def captioned(synth_dir, tmp_path_factory):
-    """A tiny CoCa run (contrastive + captioning), evaluated on 100 held-out images."""
+    """A tiny captioning run, evaluated on 100 held-out images."""
     cfg = tiny_config(synth_dir, tmp_path_factory.mktemp("runs"), **{
-        "model.objective": "both", "train.steps": STEPS, "train.eval_every": 0,
+        "model.objective": "captioning", "train.steps": STEPS, "train.eval_every": 0,
         "train.checkpoint_every": 0, "data.max_eval_samples": 100})
     return cfg, train(cfg)
 
 
-def test_a_coca_run_learns_to_caption_held_out_images(captioned):
+def test_a_captioning_run_learns_to_caption_held_out_images(captioned):
     cfg, result = captioned
     caption_losses = [m["loss/caption"] for m in _logged(cfg)]
     assert caption_losses[-1] < 0.3 * caption_losses[0], caption_losses
@@ -35,8 +37,8 @@ def test_a_coca_run_learns_to_caption_held_out_images(captioned):
     assert result.eval["caption/bleu4"] > 0.2, result.eval
     assert result.eval["caption/cider"] > 1.0, result.eval
     assert 0.0 <= result.eval["caption/exact_match"] <= 1.0
-    # The contrastive half still learns: CoCa trains both.
-    assert result.eval["zero_shot/top1"] > 2 * result.eval["zero_shot/chance_top1"], result.eval
+    # Its text tower never trained: no contrastive figures.
+    assert not [k for k in result.eval if k.startswith(("zero_shot/", "retrieval/"))]
 
 
 def test_eval_scores_the_runs_captions_again(captioned, capsys):
