@@ -172,7 +172,9 @@ def recovered(ray_local, synth_dir, tmp_path_factory):
     stopped_at = {"metrics": read_metrics(cfg.run_dir / "metrics.jsonl"),
                   "last_good": latest_checkpoint(cfg.run_dir / "checkpoints"),
                   "record": json.loads((cfg.run_dir / "recoveries.json").read_text())}
-    reference = train(tiny_config(synth_dir, tmp / "local", **COMMON))
+    # One process, as far as the faulty run got (the schedule is train.steps'); no evaluation.
+    reference = train(tiny_config(synth_dir, tmp / "local", **COMMON),
+                      stop_after=_logged_step(cfg.run_dir))
     return {"cfg": cfg, "stopped": stopped.value, "injected": done, "reference": reference,
             **stopped_at}
 
