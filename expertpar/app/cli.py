@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                   else logging.INFO)
     from ..train.owners import CheckpointError  # a checkpoint that does not verify, by name
 
-    handler = {"train": _train, "eval": _eval, "caption": _caption, "report": _report, "upcycle": _upcycle,
-               "data": _data, "sweep": _sweep, "bench": _bench,
+    handler = {"train": _train, "eval": _eval, "caption": _caption, "report": _report,
+               "upcycle": _upcycle, "data": _data, "sweep": _sweep, "bench": _bench,
                "gpu-check": _gpu_check}[args.command]
     try:
         return handler(args)
