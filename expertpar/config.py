@@ -162,7 +162,7 @@ class ModelConfig:
     # both: CoCa, the sum (the captioning term weighted by caption_loss_weight)
     objective: Literal["contrastive", "captioning", "both"] = "contrastive"
     decoder_depth: int = 2  # blocks of the caption decoder; its every n-th FFN is MoE too
-    caption_loss_weight: float = 2.0  # CoCa's weight of the captioning term (contrastive: 1)
+    caption_loss_weight: float = 2.0  # objective both: the captioning term's weight (CoCa: 2, contrastive 1)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def check(self) -> list[tuple[str, str]]:

@@ -79,12 +79,13 @@ def _lines(path: Path) -> Iterator[tuple[int, str, str]]:
                     cut = line.index(" ")
                     yield lineno, line[:cut], line[cut + 1:]
                     continue
-                parts = line.split(" ")
-                if fields < dim or any(map(_is_number, parts[1:-dim])):
+                if fields < dim:
                     raise GloveError(f"GloVe file {path} line {lineno}: {fields} numbers after "
                                      f"the word, expected {dim} (as on the first line)")
-                # More fields, none a number before the last d: a word with spaces in it
-                # (glove.840B has a few). Kept whole; it can never be one token.
+                # More fields: a word with spaces in it (glove.840B has a few, some with a
+                # number in them: "Sept 11"). Kept whole, so it can never be one token; not an
+                # error, or one such line would stop the run.
+                parts = line.split(" ")
                 yield lineno, " ".join(parts[:-dim]), " ".join(parts[-dim:])
         except UnicodeDecodeError as err:
             raise GloveError(f"GloVe file {path} line {lineno}: not UTF-8 ({err.reason})"

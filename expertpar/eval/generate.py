@@ -1,13 +1,18 @@
-"""Captions from images: greedy and beam-search decoding with the caption decoder.
+"""Captions from images: greedy and beam-search decoding with the caption decoder, and a
+caption for every image of a split.
 
 No key/value cache: captions are a context length (16 tokens) long, so each step runs the
 decoder over the prefix again; that keeps one decoder forward, the one training uses, and
 lets its MoE layers run on either backend unchanged.
+
+Shapes: B images, K hypotheses each, R = B x K hypothesis rows (image b's are b*K..b*K+K-1),
+L tokens so far, V vocabulary, N image tokens, D model width.
 """
 from __future__ import annotations
 
 import torch
 
+from ..data import SampleIndex, make_transform
 from ..data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from ..moe import RouteContext
 
@@ -60,29 +65,29 @@ def _beam_search(model, memory_BND: torch.Tensor, max_tokens: int, K: int) -> to
     of best mean log-probability per token ([EOS] counted), so short captions are not favoured
     for being short."""
     B, device = memory_BND.shape[0], memory_BND.device
-    memory_KND = memory_BND.repeat_interleave(K, dim=0)  # rows b*K .. b*K+K-1 are image b's
-    ids_KL = torch.full((B * K, 1), BOS_ID, dtype=torch.long, device=device)
+    memory_RND = memory_BND.repeat_interleave(K, dim=0)  # rows b*K .. b*K+K-1 are image b's
+    ids_RL = torch.full((B * K, 1), BOS_ID, dtype=torch.long, device=device)
     score_BK = torch.full((B, K), float("-inf"), device=device)
     score_BK[:, 0] = 0.0  # one live hypothesis at first: K copies would fill the beam with one
-    done_K = torch.zeros(B * K, dtype=torch.bool, device=device)
-    length_K = torch.zeros(B * K, device=device)
+    done_R = torch.zeros(B * K, dtype=torch.bool, device=device)
+    length_R = torch.zeros(B * K, device=device)
     for _ in range(max_tokens):
-        logp_KV = _next_log_probs(model, memory_KND, ids_KL)
-        V = logp_KV.shape[1]
+        logp_RV = _next_log_probs(model, memory_RND, ids_RL)
+        V = logp_RV.shape[1]
         # A finished hypothesis has one continuation, padding, at no cost.
-        logp_KV[done_K] = float("-inf")
-        logp_KV[done_K, PAD_ID] = 0.0
-        total_BKV = (score_BK.reshape(-1, 1) + logp_KV).reshape(B, K * V)
+        logp_RV[done_R] = float("-inf")
+        logp_RV[done_R, PAD_ID] = 0.0
+        total_BKV = (score_BK.reshape(-1, 1) + logp_RV).reshape(B, K * V)
         score_BK, pick_BK = total_BKV.topk(K, dim=-1)
-        parent_K = (torch.arange(B, device=device)[:, None] * K + pick_BK // V).reshape(-1)
-        token_K = (pick_BK % V).reshape(-1)
-        ids_KL = torch.cat([ids_KL[parent_K], token_K[:, None]], dim=1)
-        length_K = length_K[parent_K] + (~done_K[parent_K]).float()
-        done_K = done_K[parent_K] | (token_K == EOS_ID)
-        if done_K.all():
+        parent_R = (torch.arange(B, device=device)[:, None] * K + pick_BK // V).reshape(-1)
+        token_R = (pick_BK % V).reshape(-1)
+        ids_RL = torch.cat([ids_RL[parent_R], token_R[:, None]], dim=1)
+        length_R = length_R[parent_R] + (~done_R[parent_R]).float()
+        done_R = done_R[parent_R] | (token_R == EOS_ID)
+        if done_R.all():
             break
-    best_B = (score_BK / length_K.reshape(B, K).clamp_min(1)).argmax(-1)
-    return ids_KL[torch.arange(B, device=device) * K + best_B]
+    best_B = (score_BK / length_R.reshape(B, K).clamp_min(1)).argmax(-1)
+    return ids_RL[torch.arange(B, device=device) * K + best_B]
 
 
 def _strip(row: list[int]) -> list[int]:
@@ -92,4 +97,18 @@ def _strip(row: list[int]) -> list[int]:
         if token in (EOS_ID, PAD_ID):
             break
         out.append(token)
+    return out
+
+
+@torch.no_grad()
+def caption_split(model, ds: SampleIndex, tokenizer, *, image_size: int, max_tokens: int,
+                  batch_size: int, device: torch.device, beam: int = 1) -> list[str]:
+    """A generated caption for every image of ``ds``, in its order."""
+    transform = make_transform(image_size, train=False)
+    out = []
+    for start in range(0, len(ds), batch_size):
+        idx = list(range(start, min(start + batch_size, len(ds))))
+        images, _, _ = ds.batch(idx, transform, seed=None)
+        ids = generate(model, images.to(device), max_tokens=max_tokens, beam=beam)
+        out.extend(tokenizer.decode_batch(ids, skip_special_tokens=True))
     return out

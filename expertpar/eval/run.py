@@ -7,8 +7,9 @@ import torch
 
 from ..config import Config
 from ..data import DatasetInfo, SampleIndex, make_transform
-from .captions import evaluate_captions
+from .captions import caption_scores
 from .embed import embed_dataset, embed_texts
+from .generate import caption_split
 from .retrieval import recall_at_k
 from .zeroshot import class_embeddings, zero_shot_accuracy
 
@@ -28,9 +29,11 @@ def evaluate(model, ds: SampleIndex, tokenizer, cfg: Config, *,
         for L, stats in sorted(emb.stats.items()):
             out.update(stats.summary(f"eval/moe{L}"))
     if cfg.model.has_decoder:
-        out.update(evaluate_captions(model, ds, tokenizer, image_size=cfg.data.image_size,
-                                     context_length=cfg.tokenizer.context_length,
-                                     batch_size=cfg.eval.batch_size, device=device))
+        # Greedy captions of every held-out image, against its caption (one reference each).
+        generated = caption_split(model, ds, tokenizer, image_size=cfg.data.image_size,
+                                  max_tokens=cfg.tokenizer.context_length - 1,
+                                  batch_size=cfg.eval.batch_size, device=device)
+        out.update(caption_scores(generated, [[c] for c in ds.captions]))
     return out
 
 

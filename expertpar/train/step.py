@@ -97,6 +97,8 @@ def train_step(model, batch: Batch, ctx: RouteContext, owners: list[Owner], comm
     local.zero_grad()
     cfg = model.cfg
     contrastive = cfg.objective != "captioning"  # captioning alone needs no text tower
+    # CoCa's weight is of the captioning term against the contrastive one: alone, it is 1.
+    caption_weight = cfg.caption_loss_weight if contrastive else 1.0
     ids_BL, mask_BL = batch.ids_BL, batch.mask_BL
     enc = model.encode(batch.images_BCHW, ids_BL if contrastive else None,
                        mask_BL if contrastive else None, ctx)
@@ -114,7 +116,7 @@ def train_step(model, batch: Batch, ctx: RouteContext, owners: list[Owner], comm
         targets = mask_BL[:, 1:].sum().float().reshape(1)
         comm.all_reduce_sum_([targets])  # the global batch's: each worker's share of its mean
         loss_cap = caption_loss_sum(logits_BLV, ids_BL[:, 1:], mask_BL[:, 1:]) / targets[0]
-        loss = loss + cfg.caption_loss_weight * loss_cap
+        loss = loss + caption_weight * loss_cap
     # Each worker holds a 1/W share of the (global) auxiliary loss; the router sums the shares.
     loss = loss + enc.aux_loss / comm.world
     loss.backward()
@@ -131,7 +133,7 @@ def train_step(model, batch: Batch, ctx: RouteContext, owners: list[Owner], comm
     norm, coef = clip_coefficient(torch.cat([o.grad_norms(ctx.step) for o in owners]),
                                   grad_clip)
     total = (metrics.get("loss/clip", 0.0) + enc.aux_loss.item()
-             + cfg.caption_loss_weight * metrics.get("loss/caption", 0.0))
+             + caption_weight * metrics.get("loss/caption", 0.0))
     # A NaN or inf in the loss or any gradient (the norm is global: every worker sees the same)
     # skips the step everywhere: dense, gates and experts keep their weights and AdamW state.
     finite = math.isfinite(norm) and math.isfinite(total)

@@ -77,9 +77,9 @@ def apply_text_init(model: torch.nn.Module, init: TextInit) -> None:
     """Overwrite the covered rows of ``model``'s token-embedding table; the rest stay."""
     weight_VD = model.text_embed.tok.weight
     if init.rows_ND.shape[1:] != weight_VD.shape[1:] or init.vocab != weight_VD.shape[0]:
-        raise ValueError(f"GloVe rows for a vocabulary of {init.vocab} x dim "
-                         f"{init.rows_ND.shape[1]} do not fit the embedding table "
-                         f"{tuple(weight_VD.shape)}")
+        raise ValueError(f"tokenizer.glove: the rows worked out for a vocabulary of "
+                         f"{init.vocab} x dim {init.rows_ND.shape[1]} do not fit the model's "
+                         f"token embeddings {tuple(weight_VD.shape)}")
     if init.ids:
         ids = torch.tensor(init.ids, dtype=torch.int64, device=weight_VD.device)
         weight_VD[ids] = torch.from_numpy(init.rows_ND).to(weight_VD)

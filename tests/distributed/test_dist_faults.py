@@ -232,17 +232,17 @@ def _losses_by_attempt(run_dir: Path) -> list[dict[int, float]]:
     attempt (metrics.jsonl keeps only the replayed steps' records), oldest first."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    files = sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[3]))
-    attempts = []
-    for path in files:
+    attempts = []  # (when the attempt's first event was written, its losses)
+    for path in run_dir.glob("events.out.tfevents.*"):
+        events = list(EventFileLoader(str(path)).Load())
         losses = {}
-        for event in EventFileLoader(str(path)).Load():
+        for event in events:
             for value in event.summary.value:
                 if value.tag == "loss/total":
                     losses[event.step] = (value.simple_value if value.HasField("simple_value")
                                           else value.tensor.float_val[0])
-        attempts.append(losses)
-    return attempts
+        attempts.append((events[0].wall_time, losses))
+    return [losses for _, losses in sorted(attempts, key=lambda a: a[0])]
 
 
 def test_every_moe_actor_lost_at_once_killed_by_ray_or_exiting_on_its_own_is_recovered(

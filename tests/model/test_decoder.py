@@ -102,7 +102,7 @@ def test_the_caption_loss_counts_real_next_tokens_only():
 
 
 def test_captioning_alone_trains_the_decoder_and_not_the_text_tower():
-    cfg = make_cfg(objective="captioning", variant="dense")
+    cfg = make_cfg(objective="captioning", variant="dense", towers="separate")
     model = make_model(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     owner = ParameterOwner(model_entries(model), _train_cfg(), model_buffers(model))
@@ -110,11 +110,15 @@ def test_captioning_alone_trains_the_decoder_and_not_the_text_tower():
     out = train_step(model, Batch(0, images, ids, mask), RouteContext(), [owner],
                      SingleProcess(), 1.0, 1e-3)
     assert "loss/clip" not in out.metrics
+    # caption_loss_weight (2 by default) weighs captioning against the contrastive term: alone,
+    # the caption loss counts once.
     assert out.metrics["loss/total"] == pytest.approx(
-        2.0 * out.metrics["loss/caption"] + out.metrics["loss/aux"])
+        out.metrics["loss/caption"] + out.metrics["loss/aux"])
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert "lm_head.weight" in moved and "decoder.0.cross.q.weight" in moved
-    assert not moved & {"text_proj.weight", "text_norm.weight", "logit_scale"}
+    assert {"lm_head.weight", "decoder.0.cross.q.weight", "towers.image.0.attn.qkv.weight",
+            "text_embed.tok.weight"} <= moved  # the decoder reads the token embeddings
+    untrained = {n for n in before if n.startswith(("towers.text.", "text_proj.", "text_norm."))}
+    assert len(untrained) > 5 and not moved & (untrained | {"logit_scale"})
 
 
 def _train_cfg():
@@ -159,5 +163,5 @@ def test_generation_stops_at_max_tokens_and_leaves_the_model_in_its_mode():
     for beam in (1, 3):
         out = generate(model, images, max_tokens=4, beam=beam)
         assert len(out) == B and all(len(c) <= 4 for c in out)
-        assert all(t not in (PAD_ID, BOS_ID, EOS_ID) for c in out for t in c)
+        assert all(t != BOS_ID for c in out for t in c)  # never generated
     assert model.training

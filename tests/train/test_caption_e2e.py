@@ -36,7 +36,6 @@ def test_a_captioning_run_learns_to_caption_held_out_images(captioned):
     # An untrained decoder scores 0 (its captions share no 4-gram with the references).
     assert result.eval["caption/bleu4"] > 0.2, result.eval
     assert result.eval["caption/cider"] > 1.0, result.eval
-    assert 0.0 <= result.eval["caption/exact_match"] <= 1.0
     # Its text tower never trained: no contrastive figures.
     assert not [k for k in result.eval if k.startswith(("zero_shot/", "retrieval/"))]
 
