@@ -10,29 +10,19 @@ import torch
 from expertpar.config import ConfigError, config_from_dict
 from expertpar.data import Batch
 from expertpar.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from expertpar.model import VisionLanguageModel
 from expertpar.eval.generate import generate
 from expertpar.moe import RouteContext
 from expertpar.train.loss import caption_loss_sum
 from expertpar.train.names import model_buffers, model_entries
 from expertpar.train.owners import ParameterOwner
 from expertpar.train.step import SingleProcess, train_step
-
-B, IMAGE_SIZE, PATCH, VOCAB, CTX = 3, 16, 8, 40, 8
+from test_model_variants import B, CTX, IMAGE_SIZE, VOCAB, make_model
+from test_model_variants import make_cfg as variant_cfg
 
 
 def make_cfg(**model):
-    tree = {"data": {"train": "unused"},
-            "model": {"dim": 32, "depth": 2, "heads": 2, "ffn_hidden": 48, "embed_dim": 24,
-                      "patch_size": PATCH, "objective": "both", "decoder_depth": 2,
-                      "moe": {"num_experts": 4, "top_k": 1, "every": 2, "expert_hidden": 32}}}
-    return config_from_dict(tree, [f"model.{k}={v}" for k, v in model.items()])
-
-
-def make_model(cfg, seed: int = 0) -> VisionLanguageModel:
-    torch.manual_seed(seed)
-    return VisionLanguageModel(cfg.model, image_size=IMAGE_SIZE, vocab_size=VOCAB,
-                               context_length=CTX, seed=seed)
+    """test_model_variants' small model, 2 blocks, with a CoCa decoder of 2 blocks."""
+    return variant_cfg(depth=2, **{"objective": "both", "decoder_depth": 2, **model})
 
 
 def inputs(seed: int = 0):
