@@ -85,13 +85,17 @@ SHAPING_KEYS = ("model.variant", "model.towers", "model.stem", "model.patch_size
 
 def check_resumable(cfg: Config, ckpt: Path) -> None:
     """Refuse, before anything loads it, a checkpoint whose model config differs from
-    ``cfg``'s in a key of SHAPING_KEYS, listing every difference."""
+    ``cfg``'s in a key of SHAPING_KEYS (and a dense model's in model.moe.top_k), listing every
+    difference."""
     if not (ckpt / "config.yaml").exists():  # a checkpoint written without its config
         return
     saved = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
     now = config_to_dict(cfg)
     differences = []
-    for key in SHAPING_KEYS:
+    # A dense model's FFNs where MoE layers would be are top_k x expert_hidden wide: there
+    # top_k shapes parameters too (in a MoE model it only routes).
+    dense = cfg.model.variant == "dense" and get_path(saved, "model.variant") == "dense"
+    for key in SHAPING_KEYS + (("model.moe.top_k",) if dense else ()):
         there, here = get_path(saved, key), get_path(now, key)
         if there is not None and there != here:
             differences.append(f"{key} {there!r} there, {here!r} now")

@@ -9,11 +9,12 @@ import torch
 
 from conftest import tiny_config
 from expertpar.app import train
+from expertpar.config import dump_config
 from expertpar.train.checkpoint import (CheckpointError, latest_checkpoint, read_shards, verify,
                                         write_checkpoint)
 from expertpar.train.loop import dense_owner
 from expertpar.train.names import model_entries
-from expertpar.train.setup import build_model
+from expertpar.train.setup import build_model, check_resumable
 
 
 def _model_and_owner(synth_dir, tmp_path):
@@ -94,6 +95,21 @@ def test_no_resume_sets_the_earlier_run_aside(synth_dir, tmp_path):
     steps = [json.loads(l).get("step") for l in
              (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2
+
+
+def test_top_k_shapes_a_dense_checkpoint_and_only_routes_in_a_moe_one(synth_dir, tmp_path):
+    ckpt = tmp_path / "step_000002"
+    ckpt.mkdir()
+    for variant in ("dense", "moe"):
+        saved = tiny_config(synth_dir, tmp_path, **{"model.variant": variant,
+                                                    "model.moe.top_k": 2})
+        (ckpt / "config.yaml").write_text(dump_config(saved))
+        now = tiny_config(synth_dir, tmp_path, **{"model.variant": variant})  # top_k 1
+        if variant == "moe":
+            check_resumable(now, ckpt)  # routes 1 expert a token instead of 2: resumable
+        else:  # FFNs of 2 x 64 units there, 1 x 64 here
+            with pytest.raises(CheckpointError, match="model.moe.top_k 2 there, 1 now"):
+                check_resumable(now, ckpt)
 
 
 def test_batchnorm_statistics_of_the_cnn_stem_are_saved(synth_dir, tmp_path):
