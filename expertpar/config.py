@@ -195,6 +195,11 @@ class ModelConfig:
         return self.objective != "contrastive"
 
     @property
+    def has_contrastive(self) -> bool:
+        """The text tower and the projections train (captioning alone leaves them be)."""
+        return self.objective != "captioning"
+
+    @property
     def decoder_moe_layers(self) -> int:
         """MoE layers of the caption decoder (numbered after the encoder's)."""
         if not self.has_decoder or self.variant != "moe":

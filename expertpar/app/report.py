@@ -178,7 +178,7 @@ def evaluate_held_out(run_dir: Path, data: str | None, n_examples: int) -> HeldO
     source = data or cfg.data.eval
     if not source:
         raise Skip(f"{run_dir / 'config.yaml'} has no data.eval (pass --data PATH)")
-    if cfg.model.objective == "captioning":
+    if not cfg.model.has_contrastive:
         raise Skip("model.objective is 'captioning': the text tower never trained, so there is "
                    "no zero-shot confusion or retrieved caption to show")
     model, tokenizer, step = load_run_model(run_dir, cfg)

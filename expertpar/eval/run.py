@@ -19,7 +19,7 @@ def evaluate(model, ds: SampleIndex, tokenizer, cfg: Config, *,
     out: dict[str, float] = {"eval/samples": len(ds)}
     # A captioning-only model's text tower and projections never trained: no contrastive
     # metrics for it.
-    if cfg.model.objective != "captioning":
+    if cfg.model.has_contrastive:
         emb = embed_split(model, ds, tokenizer, cfg, device)
         out.update(recall_at_k(emb.image_NE, emb.text_NE, emb.captions, cfg.eval.recall_at))
         if info is not None and info.classes:

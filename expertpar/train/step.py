@@ -96,7 +96,7 @@ def train_step(model, batch: Batch, ctx: RouteContext, owners: list[Owner], comm
     local = owners[0]
     local.zero_grad()
     cfg = model.cfg
-    contrastive = cfg.objective != "captioning"  # captioning alone needs no text tower
+    contrastive = cfg.has_contrastive  # captioning alone needs no text tower
     # CoCa's weight is of the captioning term against the contrastive one: alone, it is 1.
     caption_weight = cfg.caption_loss_weight if contrastive else 1.0
     ids_BL, mask_BL = batch.ids_BL, batch.mask_BL
