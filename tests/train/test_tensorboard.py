@@ -59,7 +59,10 @@ def test_a_resumed_run_that_replays_steps_reads_back_as_metrics_jsonl_each_step_
     again = train(cfg)
     assert len(again.losses) == 2
 
-    files = sorted(cfg.run_dir.glob("events.out.tfevents.*"))
+    # Oldest first: by the name's time, then its writer counter, as numbers (the counter is
+    # the process's, so by now it may have gone from 9 to 10, which sort before as text).
+    files = sorted(cfg.run_dir.glob("events.out.tfevents.*"),
+                   key=lambda p: (int(p.name.split(".")[3]), int(p.name.rsplit(".", 1)[1])))
     assert len(files) == 2
     # Steps 3 and 4 are in the event files twice...
     assert _raw_steps(files[0], "loss/total") == [1, 2, 3, 4]
